@@ -1,0 +1,161 @@
+"""Datasets: the embedded digits set (DESIGN 2.2), CIFAR-10/100 and ImageFolder from local folders.
+
+Nothing is downloaded. Every dataset yields PIL images through torchvision transforms v2, so the
+preprocessing the service repeats with Pillow (resize, crop, normalize) is the one used here.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets as tv_datasets
+from torchvision.transforms import v2
+
+from stepnet.errors import UserError
+
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+SPLIT_SEED = 0
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+class DataError(UserError):
+    """A dataset that is unknown or not where the user said it is."""
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model trained on this data needs to know; stored in checkpoints and model metadata."""
+    name: str
+    classes: tuple[str, ...]
+    colour_mode: str            # Pillow mode the model reads: "L" or "RGB"
+    input_size: int             # square model input after crop
+    resize: int                 # shorter side before the centre crop
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def in_channels(self) -> int:
+        return len(self.mean)
+
+
+class DigitsDataset(Dataset):
+    """sklearn's 1,797 bundled 8x8 digits as 'L' images: white ink (255) on black, like MNIST."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.images[i], mode="L")), int(self.labels[i])
+
+
+def digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed stratified 80/20 split of sklearn's digits: uint8 images (N, 8, 8) and labels."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    parts = train_test_split(images, bunch.target, test_size=0.2, random_state=SPLIT_SEED,
+                             stratify=bunch.target)
+    train_x, test_x, train_y, test_y = parts
+    return (train_x, train_y) if split == "train" else (test_x, test_y)
+
+
+def _digits_info() -> DataInfo:
+    train_x, _ = digits_split("train")
+    pixels = train_x.astype(np.float64) / 255.0
+    return DataInfo("digits", tuple(str(d) for d in range(10)), "L", 32, 32,
+                    (round(float(pixels.mean()), 4),), (round(float(pixels.std()), 4),))
+
+
+def _eval_transform(info: DataInfo):
+    return v2.Compose([
+        v2.Resize(info.resize, interpolation=v2.InterpolationMode.BILINEAR),
+        v2.CenterCrop(info.input_size),
+        v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(info.mean, info.std),
+    ])
+
+
+def _train_transform(info: DataInfo):
+    if info.name == "digits":   # small shifts, turns and zooms: digits have no mirror symmetry
+        augment = [v2.Resize(info.resize, interpolation=v2.InterpolationMode.BILINEAR),
+                   v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))]
+    elif info.name.startswith("cifar"):
+        augment = [v2.RandomCrop(info.input_size, padding=4), v2.RandomHorizontalFlip()]
+    else:
+        augment = [v2.RandomResizedCrop(info.input_size), v2.RandomHorizontalFlip()]
+    return v2.Compose([*augment, v2.CenterCrop(info.input_size), v2.ToImage(),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(info.mean, info.std)])
+
+
+def _cifar(name: str, data_dir: Path | None, train: bool):
+    cls = tv_datasets.CIFAR10 if name == "cifar10" else tv_datasets.CIFAR100
+    folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+    if data_dir is None:
+        raise DataError(f"{name} needs --data-dir: a folder holding torchvision's {folder}/")
+    try:
+        return cls(root=str(data_dir), train=train, download=False)
+    except RuntimeError as exc:
+        raise DataError(f"{name} not found: put torchvision's {folder}/ (the python version of the "
+                        f"data set) inside {data_dir}") from exc
+
+
+def _image_folder(data_dir: Path | None, split: str):
+    if data_dir is None:
+        raise DataError("imagefolder needs --data-dir: a folder with train/ and val/ (or test/), "
+                        "one sub-folder per class")
+    names = ("train",) if split == "train" else ("val", "test")
+    for sub in names:
+        if (data_dir / sub).is_dir():
+            try:
+                return tv_datasets.ImageFolder(str(data_dir / sub))
+            except (FileNotFoundError, RuntimeError) as exc:
+                raise DataError(f"{data_dir / sub}: {exc}") from exc
+    raise DataError(f"{data_dir}: no {' or '.join(n + '/' for n in names)} folder for the {split} split")
+
+
+class _Transformed(Dataset):
+    def __init__(self, base, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        image, label = self.base[i]
+        return self.transform(image), label
+
+
+def load(name: str, split: str, data_dir: str | Path | None = None, augment: bool = False,
+         input_size: int | None = None) -> tuple[Dataset, DataInfo]:
+    """The dataset `name` ("train" or "test" split) with its transforms, and its DataInfo."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    data_dir = Path(data_dir) if data_dir is not None else None
+    if data_dir is not None and not data_dir.is_dir():
+        raise DataError(f"data folder {data_dir} does not exist")
+    if name == "digits":
+        info = _digits_info()
+        base = None
+    elif name.startswith("cifar"):
+        base = _cifar(name, data_dir, split == "train")
+        info = DataInfo(name, tuple(base.classes), "RGB", 32, 32, CIFAR_MEAN, CIFAR_STD)
+    else:
+        base = _image_folder(data_dir, split)
+        size = input_size or 224
+        info = DataInfo(name, tuple(base.classes), "RGB", size, round(size * 256 / 224),
+                        IMAGENET_MEAN, IMAGENET_STD)
+    transform = _train_transform(info) if augment else _eval_transform(info)
+    if name == "digits":
+        return DigitsDataset(*digits_split(split), transform), info
+    return _Transformed(base, transform), info

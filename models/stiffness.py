@@ -1,0 +1,25 @@
+"""The stiffness estimates of DESIGN 1.1, implemented once for the model, the export and the tests.
+
+For consecutive blocks t-1, t of one stage, x is the value on the skip path (the block input,
+projected by the shortcut in a stage's first block) and f the raw residual branch output.
+"""
+
+import torch
+
+EPS = 1e-6
+
+
+def nsi(x: torch.Tensor, x_prev: torch.Tensor, f: torch.Tensor, f_prev: torch.Tensor,
+        eps: float = EPS) -> torch.Tensor:
+    """Neural stiffness index ||f_t - f_{t-1}|| / (||x_t - x_{t-1}|| + eps), per sample: (B,)."""
+    num = (f - f_prev).flatten(1).norm(dim=1)
+    den = (x - x_prev).flatten(1).norm(dim=1)
+    return num / (den + eps)
+
+
+def channel_stiffness(x: torch.Tensor, x_prev: torch.Tensor, f: torch.Tensor, f_prev: torch.Tensor,
+                      eps: float = EPS) -> torch.Tensor:
+    """Channel stiffness s_{t,c}: the same ratio over the spatial elements of each channel: (B, C)."""
+    num = (f - f_prev).flatten(2).norm(dim=2)
+    den = (x - x_prev).flatten(2).norm(dim=2)
+    return num / (den + eps)
