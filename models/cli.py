@@ -11,7 +11,7 @@ def _cmd_train(args) -> int:
     cfg = TrainConfig(out=args.out, dataset=args.dataset, data_dir=args.data_dir, family=args.family,
                       depth=args.depth, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                       seed=args.seed, input_size=args.input_size, workers=args.workers,
-                      force=args.force, progress=not args.quiet)
+                      train_images=args.train_images, force=args.force, progress=not args.quiet)
     config = train(cfg)
     print(f"test accuracy {config['test_accuracy']:.4f}; checkpoint written to {args.out}")
     return 0
@@ -51,6 +51,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="default 0")
     p.add_argument("--input-size", type=int, help="model input size for imagefolder (default 224)")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes (default 0)")
+    p.add_argument("--train-images", type=int,
+                   help="train on a fixed random subset of this many images (default: all)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder to create")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from models import checkpoint, data
@@ -37,6 +37,7 @@ class TrainConfig:
     seed: int = 0
     input_size: int | None = None
     adaptor_blocks: tuple[str, ...] | None = None
+    train_images: int | None = None   # train on a fixed random subset of this many images; None: all
     workers: int = 0
     force: bool = False
     progress: bool = True
@@ -46,6 +47,12 @@ def _loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                       generator=gen, persistent_workers=workers > 0)
+
+
+def fixed_subset(dataset, n: int) -> Subset:
+    """The first n items of a fixed random permutation: the same images for every seed and run."""
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(data.SPLIT_SEED))
+    return Subset(dataset, keep[:n].tolist())
 
 
 @torch.no_grad()
@@ -90,6 +97,10 @@ def train(cfg: TrainConfig) -> dict:
         raise UserError(str(exc)) from None
     if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
         raise UserError("--epochs, --batch-size and --lr must be positive")
+    if cfg.train_images is not None:
+        if not 1 <= cfg.train_images <= len(train_set):
+            raise UserError(f"the number of training images must be between 1 and {len(train_set)}")
+        train_set = fixed_subset(train_set, cfg.train_images)
     torch.manual_seed(cfg.seed)
     model = StepNet(net_cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -132,7 +143,8 @@ def train(cfg: TrainConfig) -> dict:
                     tqdm.write(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  "
                                f"train {row['train_accuracy']:.4f}  test {row['test_accuracy']:.4f}")
         checkpoint.save(model, info, tmp, dataset=cfg.dataset, epochs=cfg.epochs, seed=cfg.seed,
-                        batch_size=cfg.batch_size, lr=cfg.lr, test_accuracy=test["accuracy"],
+                        batch_size=cfg.batch_size, lr=cfg.lr, train_images=len(train_set),
+                        test_accuracy=test["accuracy"],
                         train_seconds=round(time.perf_counter() - started, 1))
         if cfg.out.exists():
             shutil.rmtree(cfg.out)
