@@ -1,0 +1,94 @@
+"""`stepnet export` and `stepnet graph`. Nothing heavy is imported until a command runs."""
+
+import logging
+import sys
+from pathlib import Path
+
+DATASET_HELP = "digits | cifar10 | cifar100 | imagefolder (default: the checkpoint's own)"
+
+
+def _cmd_export(args) -> int:
+    from export import verify
+    from export.pipeline import export_checkpoint
+    from export.metadata import read_model_json
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("stepnet export: %(message)s"))
+    logger = logging.getLogger("export")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    options = {"calibration_samples": args.calibration_samples} if args.calibration_samples else {}
+    try:
+        target = export_checkpoint(
+            args.checkpoint, args.repository, args.name, args.version,
+            calibration_dataset=args.calibration_dataset, data_dir=args.data_dir, force=args.force,
+            **options)
+    except verify.VerificationError as exc:
+        print(verify.format_table(exc.report))
+        print(f"stepnet export: error: {exc}; nothing was written", file=sys.stderr)
+        return 1
+    finally:
+        logger.removeHandler(handler)
+    meta = read_model_json(target)
+    print(verify.format_table(meta["verification"]))
+    acc = meta["accuracy"]
+    print(f"\n{meta['name']} version {meta['version']}: {meta['family']}-{meta['depth']}, "
+          f"{len(meta['layers'])} ai.stepnet step nodes, top-1 {acc['top1']:.4f} on "
+          f"{acc['samples']} {acc['dataset']} test images; written to {target}")
+    return 0
+
+
+def _cmd_graph(args) -> int:
+    from export.listing import describe, load
+    from export.metadata import MODEL_FILE
+    from stepnet.errors import UserError
+
+    path = args.path / MODEL_FILE if args.path.is_dir() else args.path
+    if not path.is_file():
+        raise UserError(f"{path}: no such ONNX file")
+    try:
+        proto = load(path)
+    except Exception as exc:   # onnx raises DecodeError, ValueError, ... for a file it cannot parse
+        raise UserError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from None
+    print(describe(proto))
+    return 0
+
+
+def _positive(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "export", help="export a checkpoint to the ONNX model repository (verified, calibrated)",
+        description="Export a checkpoint folder to REPOSITORY/NAME/VERSION/ (model.onnx + "
+                    "model.json, see docs/model-repository.md): BatchNorm folded, one ai.stepnet "
+                    "node per residual block, diagnostics outputs, verified against PyTorch and "
+                    "calibrated on test images. Exit codes: 0 written, 1 verification failed "
+                    "(nothing written), 2 bad input (nothing written).")
+    p.add_argument("checkpoint", type=Path, help="checkpoint folder written by `stepnet train`")
+    p.add_argument("--repository", type=Path, default=Path("model_repository"),
+                   help="model repository folder (default model_repository; created if missing)")
+    p.add_argument("--name", required=True, help="model name, e.g. stepnet-digits")
+    p.add_argument("--version", type=_positive, help="version to write (default: the next free one)")
+    p.add_argument("--calibration-dataset", help=DATASET_HELP)
+    p.add_argument("--data-dir", type=Path, help="folder with the calibration data set (cifar*, "
+                                                 "imagefolder)")
+    p.add_argument("--calibration-samples", type=_positive,
+                   help="test images for the calibration profile and accuracy (default 2000)")
+    p.add_argument("--force", action="store_true", help="replace the version if it exists")
+    p.set_defaults(run=_cmd_export)
+
+    p = sub.add_parser("graph", help="print the node list of an exported model",
+                       description="Print the nodes of an exported ONNX graph in order, with one "
+                                   "ai.stepnet node per residual block, and its functions.")
+    p.add_argument("path", type=Path, help="model.onnx, or a model version folder")
+    p.set_defaults(run=_cmd_graph)
