@@ -1,0 +1,73 @@
+"""Typed dependencies shared by the routes (the app's state, resolved per request)."""
+
+import asyncio
+import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Depends, Header, Query, Request
+
+from service.core.config import Settings
+from service.errors import AdminDisabled, NotReady, RequestTimeout, Unauthorized
+from service.metrics import Metrics
+from service.repository import Repository
+from service.served import ServedModel
+
+
+# async: FastAPI runs plain `def` dependencies in a thread pool, a needless hop on every request
+async def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+async def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+async def get_repository(request: Request) -> Repository:
+    repository = getattr(request.app.state, "repository", None)
+    if repository is None:
+        raise NotReady("the service is starting")
+    return repository
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+RepositoryDep = Annotated[Repository, Depends(get_repository)]
+
+ModelQuery = Annotated[str | None, Query(
+    description="model name; default: the only model served, or STEPNET_DEFAULT_MODEL")]
+VersionQuery = Annotated[int | None, Query(ge=1, description="model version; default: the latest")]
+
+
+async def get_served_model(repository: RepositoryDep, model: ModelQuery = None,
+                           version: VersionQuery = None) -> AsyncIterator[ServedModel]:
+    """The version the request names, leased until the request is done: a hot reload or an
+    unload waits for it before it stops that version."""
+    with repository.get(model, version).lease() as served:
+        yield served
+
+
+ServedModelDep = Annotated[ServedModel, Depends(get_served_model)]
+
+
+async def require_admin(settings: SettingsDep, authorization: Annotated[str | None, Header(
+        description="Bearer <STEPNET_ADMIN_KEY>")] = None) -> None:
+    """Repository control: only with `Authorization: Bearer <STEPNET_ADMIN_KEY>`; off without a key."""
+    key = settings.admin_key.get_secret_value() if settings.admin_key is not None else ""
+    if not key:
+        raise AdminDisabled("repository control is off: the server has no STEPNET_ADMIN_KEY")
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise Unauthorized("repository control needs the header 'Authorization: Bearer <STEPNET_ADMIN_KEY>'")
+
+
+@asynccontextmanager
+async def deadline(seconds: float) -> AsyncIterator[None]:
+    """STEPNET_REQUEST_TIMEOUT_S around a request's work: past it the work is cancelled (a queued
+    request leaves the batcher's queue) and the client gets 504."""
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        raise RequestTimeout(f"no result within {seconds:g} s (STEPNET_REQUEST_TIMEOUT_S)") from None

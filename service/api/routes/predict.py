@@ -1,0 +1,62 @@
+"""POST /predict: one image in, top-k classes and the per-layer step sizes and NSI out."""
+
+import math
+import time
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Query, Request
+
+from service.api.deps import ServedModelDep, SettingsDep, deadline
+from service.api.upload import REQUEST_BODY, read_image
+from service.errors import (BadRequest, EmptyBody, ImageTooLarge, InferenceFailed, InvalidImage,
+                            InvalidParameter, MissingFile, ModelNotFound, NotReady, Overloaded,
+                            PayloadTooLarge, RequestTimeout, ShuttingDown, UnsupportedMediaType,
+                            VersionNotFound, error_responses)
+from service.metadata import Layer
+from service.postprocess import softmax
+from service.schemas import LayerDiagnostics, Prediction, PredictResponse, StepSize, Timing
+
+router = APIRouter(tags=["inference"])
+
+TopK = Annotated[int, Query(ge=1, le=1000, description="how many classes to return, most probable "
+                                                       "first (all of them if the model has fewer)")]
+
+
+@router.post("/predict", response_model=PredictResponse, openapi_extra=REQUEST_BODY,
+             responses=error_responses(BadRequest, EmptyBody, MissingFile, ModelNotFound, VersionNotFound,
+                                       PayloadTooLarge, ImageTooLarge, UnsupportedMediaType, InvalidImage,
+                                       InvalidParameter, InferenceFailed, Overloaded, NotReady, ShuttingDown,
+                                       RequestTimeout))
+async def predict(request: Request, served: ServedModelDep, settings: SettingsDep,
+                  top_k: TopK = 5) -> PredictResponse:
+    """Classify one image and report, per residual block, the step size the adaptor chose and
+    the block's neural stiffness index (DESIGN 1.3)."""
+    started = time.perf_counter()
+    async with deadline(settings.request_timeout_s):
+        data = await read_image(request, settings.max_upload_bytes)
+        result, preprocess_s = await served.infer_image(data)
+    logits, step_size, nsi = result.outputs              # (K,), (L, 3), (L,)
+    meta = served.meta
+    return PredictResponse(
+        model=meta.name, version=meta.version,
+        predictions=_top_k(logits, meta.classes, top_k),
+        layers=_layers(meta.layers, step_size, nsi),
+        timing_ms=Timing(queue=result.queue_s * 1e3, preprocess=preprocess_s * 1e3,
+                         inference=result.inference_s * 1e3,
+                         total=(time.perf_counter() - started) * 1e3))
+
+
+def _top_k(logits: np.ndarray, classes: tuple[str, ...], k: int) -> list[Prediction]:
+    p = softmax(logits)
+    order = np.argsort(-p, kind="stable")[:k]
+    return [Prediction(index=int(i), label=classes[i], probability=float(p[i])) for i in order]
+
+
+def _layers(layers: tuple[Layer, ...], step_size: np.ndarray, nsi: np.ndarray) -> list[LayerDiagnostics]:
+    out = []
+    for layer, (mean, lo, hi), value in zip(layers, step_size.tolist(), nsi.tolist()):
+        out.append(LayerDiagnostics(name=layer.name, stage=layer.stage, block=layer.block,
+                                    step_size=StepSize(mean=mean, min=lo, max=hi),
+                                    nsi=value if math.isfinite(value) else None))
+    return out

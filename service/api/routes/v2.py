@@ -1,0 +1,148 @@
+"""Open Inference Protocol (KServe v2) REST: health, server and model metadata, inference.
+
+Bodies and errors ({"error": "..."}) are the protocol's. Inference goes through the same batcher,
+limits and back-pressure as POST /predict: the rows of a v2 request and the images of /predict
+requests join the same batches. service.protocol.codec encodes the tensors.
+"""
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi.responses import JSONResponse
+
+from service.api.deps import RepositoryDep, SettingsDep, deadline
+from service.api.upload import read_body
+from service.errors import (BadRequest, EmptyBody, ImageTooLarge, InferenceFailed, InvalidImage,
+                            ModelNotFound, NotReady, Overloaded, PayloadTooLarge, RequestTimeout,
+                            ShuttingDown, UnsupportedMediaType, VersionNotFound,
+                            protocol_error_responses)
+from service.protocol.codec import HEADER_LENGTH, decode_request, encode_response, model_metadata
+from service.protocol.schemas import (InferRequest, InferResponse, Live, ModelMetadataResponse,
+                                      ModelReady, Ready, ServerMetadata, inline_schema)
+from service.repository import READY, Repository
+from service.served import ServedModel
+from stepnet import __version__
+
+router = APIRouter(tags=["open inference protocol (v2)"])
+
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+ModelName = Annotated[str, Path(description="model name")]
+ModelVersion = Annotated[str, Path(description="model version, a positive integer")]
+
+INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": inline_schema(InferRequest)},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}, "description": (
+        "binary tensor data extension: the JSON request, then the binary inputs; the header "
+        f"{HEADER_LENGTH} gives the JSON's length")},
+}}}
+INFER_ERRORS = protocol_error_responses(
+    BadRequest, EmptyBody, InvalidImage, UnsupportedMediaType, ModelNotFound, VersionNotFound,
+    PayloadTooLarge, ImageTooLarge, InferenceFailed, Overloaded, NotReady, ShuttingDown, RequestTimeout)
+MODEL_ERRORS = protocol_error_responses(BadRequest, ModelNotFound, VersionNotFound, NotReady)
+
+
+def _version(text: str) -> int:
+    if not (text.isdigit() and text[0] != "0"):
+        raise BadRequest(f"model version {text!r} is not a positive integer")
+    return int(text)
+
+
+async def _latest(repository: RepositoryDep, model_name: ModelName) -> AsyncIterator[ServedModel]:
+    with repository.get(model_name).lease() as served:
+        yield served
+
+
+async def _versioned(repository: RepositoryDep, model_name: ModelName,
+                     model_version: ModelVersion) -> AsyncIterator[ServedModel]:
+    with repository.get(model_name, _version(model_version)).lease() as served:
+        yield served
+
+
+LatestDep = Annotated[ServedModel, Depends(_latest)]
+VersionedDep = Annotated[ServedModel, Depends(_versioned)]
+
+
+@router.get("/v2", response_model=ServerMetadata)
+async def server_metadata() -> ServerMetadata:
+    return ServerMetadata(name="stepnet", version=__version__, extensions=EXTENSIONS)
+
+
+@router.get("/v2/health/live", response_model=Live)
+async def live() -> Live:
+    return Live(live=True)
+
+
+@router.get("/v2/health/ready", response_model=Ready,
+            responses={400: {"model": Ready, "description": "models still loading, or none served"}})
+async def ready(request: Request) -> JSONResponse:
+    """200 once start-up has loaded and warmed the models; 400 (the protocol's "false") before."""
+    repository = getattr(request.app.state, "repository", None)
+    is_ready = repository is not None and repository.ready
+    return JSONResponse(Ready(ready=is_ready).model_dump(), status_code=200 if is_ready else 400)
+
+
+@router.get("/v2/models/{model_name}", response_model=ModelMetadataResponse, responses=MODEL_ERRORS)
+async def model(served: LatestDep, repository: RepositoryDep) -> ModelMetadataResponse:
+    return model_metadata(served.meta, repository.versions(served.name))
+
+
+@router.get("/v2/models/{model_name}/versions/{model_version}", response_model=ModelMetadataResponse,
+            responses=MODEL_ERRORS)
+async def model_version(served: VersionedDep, repository: RepositoryDep) -> ModelMetadataResponse:
+    return model_metadata(served.meta, repository.versions(served.name))
+
+
+def _ready(repository: Repository, name: str, version: int | None) -> JSONResponse:
+    state = repository.resolve(name, version)
+    body = ModelReady(name=name, version=str(state.version), ready=state.state == READY)
+    return JSONResponse(body.model_dump(), status_code=200 if body.ready else 400)
+
+
+READY_RESPONSES = {**MODEL_ERRORS, 200: {"model": ModelReady},
+                   400: {"model": ModelReady, "description": "loading, failed or unloaded"}}
+
+
+@router.get("/v2/models/{model_name}/ready", response_model=ModelReady, responses=READY_RESPONSES)
+async def model_ready(repository: RepositoryDep, model_name: ModelName) -> JSONResponse:
+    """200 when the model's default version serves, 400 when not (yet), 404 for a model that is
+    not loaded."""
+    return _ready(repository, model_name, None)
+
+
+@router.get("/v2/models/{model_name}/versions/{model_version}/ready", response_model=ModelReady,
+            responses=READY_RESPONSES)
+async def model_version_ready(repository: RepositoryDep, model_name: ModelName,
+                              model_version: ModelVersion) -> JSONResponse:
+    return _ready(repository, model_name, _version(model_version))
+
+
+@router.post("/v2/models/{model_name}/infer", response_class=Response, response_model=InferResponse,
+             openapi_extra=INFER_BODY, responses=INFER_ERRORS)
+async def infer(request: Request, served: LatestDep, settings: SettingsDep) -> Response:
+    """Inference on the newest version served. Inputs: FP32 [B, C, H, W] (pre-processed) or BYTES
+    [B] named `image` (encoded images); outputs: logits, probabilities, step_size, nsi."""
+    return await _infer(request, served, settings)
+
+
+@router.post("/v2/models/{model_name}/versions/{model_version}/infer", response_class=Response,
+             response_model=InferResponse, openapi_extra=INFER_BODY, responses=INFER_ERRORS)
+async def infer_version(request: Request, served: VersionedDep, settings: SettingsDep) -> Response:
+    return await _infer(request, served, settings)
+
+
+async def _infer(request: Request, served: ServedModel, settings) -> Response:
+    if request.headers.get("content-encoding", "identity").lower() != "identity":
+        raise UnsupportedMediaType(f"Content-Encoding {request.headers['content-encoding']} is not "
+                                   f"supported; send the body uncompressed")
+    async with deadline(settings.request_timeout_s):
+        body = await read_body(request, settings.max_upload_bytes)
+        decoded = await asyncio.to_thread(decode_request, body, request.headers.get(HEADER_LENGTH),
+                                          served.meta, settings.max_batch_size)
+        if decoded.images is not None:
+            results, _ = await served.infer_images(decoded.images)
+        else:
+            results = await served.infer_tensor(decoded.tensor)
+    content, headers = encode_response(decoded, served.meta, results)
+    return Response(content, headers=headers)

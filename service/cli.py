@@ -1,0 +1,53 @@
+"""`stepnet serve`. Nothing heavy is imported until the command runs."""
+
+from pathlib import Path
+
+from stepnet.errors import UserError
+
+
+def _cmd_serve(args) -> int:
+    from pydantic import ValidationError
+
+    from service.core.config import Settings
+    from service.errors import ModelLoadError
+    from service.metrics import Metrics
+    from service.repository import Repository
+
+    flags = {"model_repository": args.model_repository, "host": args.host, "port": args.port}
+    try:
+        settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"STEPNET_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}"
+                             for e in exc.errors())
+        raise UserError(f"invalid settings: {problems}") from None
+    try:   # refuse a missing or empty repository in one line, before uvicorn starts
+        Repository(settings, Metrics()).discover()
+    except ModelLoadError as exc:
+        raise UserError(f"{exc.message} (`make model` exports the default model)") from None
+    if settings.device == "cuda":   # no usable GPU: exit here rather than start and never be ready
+        from service.runtime import choose_device
+
+        try:
+            choose_device("cuda")
+        except ModelLoadError as exc:
+            raise UserError(f"{exc.message}; STEPNET_DEVICE=auto falls back to the CPU provider") from None
+
+    from service.main import serve
+
+    serve(settings)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve the model repository over HTTP (FastAPI, ONNX Runtime)",
+                       description="Serve every model in the repository (the newest versions of "
+                                   "each): POST /predict, GET /stiffness, /models, /healthz, /readyz, "
+                                   "/metrics, /docs, and the Open Inference Protocol (KServe v2) under "
+                                   "/v2. Settings come from STEPNET_* environment variables; these "
+                                   "flags override them.")
+    p.add_argument("--model-repository", type=Path,
+                   help="folder with <model>/<version>/model.onnx + model.json "
+                        "(STEPNET_MODEL_REPOSITORY, default model_repository)")
+    p.add_argument("--host", help="address to listen on (STEPNET_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (STEPNET_PORT, default 8000)")
+    p.set_defaults(run=_cmd_serve)

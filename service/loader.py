@@ -1,0 +1,67 @@
+"""Bringing one model version up, off the event loop: check its graph file against the sha256 and
+size in model.json, create the ONNX Runtime session, check the graph's input and output names, and
+warm every batch size the batcher can form while checking the output shapes the metadata implies.
+Whatever fails raises ModelLoadError, and nothing is published."""
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from service.core.config import Settings
+from service.errors import ModelLoadError
+from service.metadata import ModelMetadata
+from service.runtime import Device, Session
+
+log = logging.getLogger(__name__)
+
+VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+
+
+def open_version(meta: ModelMetadata, folder: Path, settings: Settings, device: Device) -> tuple[str, Session]:
+    """-> the graph file served and its warm session. Blocking: run it in a thread."""
+    label = f"{meta.name}:{meta.version}"
+    started = time.perf_counter()
+    file = pick_file(meta, folder, settings.variant)
+    try:
+        model = (folder / file).read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"{folder / file}: {exc.strerror or exc}") from None
+    expected = meta.files[file]
+    if len(model) != expected.bytes or hashlib.sha256(model).hexdigest() != expected.sha256:
+        raise ModelLoadError(f"{folder / file}: size or sha256 differs from model.json "
+                             f"(file truncated or altered)")
+    outputs = (meta.outputs.logits, meta.outputs.step_size, meta.outputs.nsi)
+    session = Session(model, device, settings.intra_op_threads, outputs, label)
+    _warm_up(session, meta, label, settings.max_batch_size)
+    log.info("%s: %s ready in %.1f s (batch sizes 1..%d warm)", label, file,
+             time.perf_counter() - started, settings.max_batch_size)
+    return file, session
+
+
+def pick_file(meta: ModelMetadata, folder: Path, variant: str) -> str:
+    wanted = VARIANT_FILES[variant]
+    if wanted != "model.onnx":
+        if wanted in meta.files and (folder / wanted).is_file():
+            return wanted
+        log.warning("%s:%s has no %s listed in model.json; serving model.onnx",
+                    meta.name, meta.version, wanted)
+    if "model.onnx" not in meta.files:
+        raise ModelLoadError(f"{folder / 'model.json'}: files lists no model.onnx")
+    return "model.onnx"
+
+
+def _warm_up(session: Session, meta: ModelMetadata, label: str, max_batch_size: int) -> None:
+    """Run every batch size once (CUDA picks kernels per shape) and check the output shapes."""
+    n_classes, n_layers = len(meta.classes), len(meta.layers)
+    for b in range(1, max_batch_size + 1):
+        try:
+            logits, step_size, nsi = session.run(np.zeros((b, *meta.input.shape), session.input_dtype))
+        except Exception as exc:
+            raise ModelLoadError(f"{label}: inference fails at batch size {b}: {exc}") from None
+        shapes = (logits.shape, step_size.shape, nsi.shape)
+        if shapes != ((b, n_classes), (b, n_layers, 3), (b, n_layers)):
+            raise ModelLoadError(f"{label}: outputs have shapes {shapes}; model.json implies "
+                                 f"{((b, n_classes), (b, n_layers, 3), (b, n_layers))}")

@@ -1,0 +1,89 @@
+"""Assembles the app: settings, metrics, error handlers, routes, and the lifespan that loads the
+model repository.
+
+Start-up does not wait for the models: the server answers at once (/healthz 200, /readyz 503)
+while a background task loads and warms every model, so an orchestrator can tell "starting" from
+"dead"; with STEPNET_REPOSITORY_POLL_S the same task then polls the repository for new versions.
+On SIGTERM uvicorn stops accepting connections and waits for the requests in flight
+(up to STEPNET_SHUTDOWN_TIMEOUT_S); then the batchers drain and stop.
+"""
+
+import asyncio
+import logging
+import math
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service.api.routes import (health, metrics as metrics_route, models, predict, repository as
+                                repository_route, stiffness, v2)
+from service.core.config import Settings
+from service.errors import install_error_handlers
+from service.metrics import GpuCollector, Metrics, RequestMetricsMiddleware, StateCollector
+from service.repository import Repository
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """StepNet image classifiers on ONNX Runtime. Every prediction reports, per residual
+block, the step size the attention adaptor chose and the block's neural stiffness index (NSI);
+/stiffness compares live traffic with the export's calibration profile. Errors are JSON
+`{"error": {"code", "message"}}`. The Open Inference Protocol (KServe v2) is served under /v2,
+with its own error shape `{"error": "..."}`."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        _configure_logging(settings.log_level)
+        repository = Repository(settings, metrics)
+        repository.discover()
+        metrics.watch(StateCollector(repository.served))
+        app.state.repository = repository
+        loading = asyncio.create_task(_load(repository, metrics, settings.repository_poll_s),
+                                      name="load-models")
+        try:
+            yield
+        finally:
+            loading.cancel()
+            await repository.close(settings.shutdown_timeout_s)
+
+    app = FastAPI(title="StepNet inference service", description=DESCRIPTION, version="1",
+                  lifespan=lifespan)
+    app.state.settings, app.state.metrics = settings, metrics
+    install_error_handlers(app)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    for module in (predict, stiffness, models, health, metrics_route, v2, repository_route):
+        app.include_router(module.router)
+    return app
+
+
+async def _load(repository: Repository, metrics: Metrics, poll_s: float) -> None:
+    await repository.load_all()
+    if any(served.provider == "CUDAExecutionProvider" for served in repository.served()):
+        metrics.watch(GpuCollector())
+    if repository.ready:
+        log.info("ready: %s", ", ".join(f"{s.name}:{s.version} ({s.provider})" for s in repository.served()))
+    else:
+        log.error("no model could be loaded; /readyz stays false")
+    if poll_s > 0:
+        await repository.poll(poll_s)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # no-op if configured
+    logging.getLogger("service").setLevel(level.upper())
+
+
+def serve(settings: Settings) -> None:
+    """Run the app with uvicorn (what `stepnet serve` does)."""
+    import uvicorn
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level, access_log=settings.access_log,
+                timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s))
+
+
+app = create_app()

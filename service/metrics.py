@@ -1,0 +1,148 @@
+"""Prometheus metrics (prometheus-client), one registry per app.
+
+Request-path metrics are observed where they happen; everything that is a reading of state
+(queue depth, the live stiffness statistics, GPU memory) is computed only when scraped.
+"""
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """The histograms of one model version, with their labels bound once."""
+    queue_seconds: Histogram
+    preprocess_seconds: Histogram
+    inference_seconds: Histogram
+    batch_size: Histogram
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self.requests = Counter("stepnet_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=reg)
+        self.request_seconds = Histogram("stepnet_request_duration_seconds",
+                                         "End-to-end HTTP request time in the server",
+                                         ["endpoint"], buckets=LATENCY_BUCKETS, registry=reg)
+        self.in_flight = Gauge("stepnet_requests_in_flight", "HTTP requests being served", registry=reg)
+        self.load_failures = Counter("stepnet_model_load_failures", "Model versions refused when loading "
+                                     "(unreadable metadata, checksum mismatch, graph that does not run)",
+                                     ["model"], registry=reg)
+        self.loads = Counter("stepnet_model_loads", "Model versions loaded, verified, warmed and published",
+                             ["model"], registry=reg)
+        model = ["model", "version"]
+        self._queue = Histogram("stepnet_queue_seconds", "Time from enqueue to the start of the batch",
+                                model, buckets=LATENCY_BUCKETS, registry=reg)
+        self._preprocess = Histogram("stepnet_preprocess_seconds", "Image decode and pre-processing time",
+                                     model, buckets=LATENCY_BUCKETS, registry=reg)
+        self._inference = Histogram("stepnet_inference_seconds", "session.run time of one batch",
+                                    model, buckets=LATENCY_BUCKETS, registry=reg)
+        self._batch = Histogram("stepnet_batch_size", "Requests per batch", model,
+                                buckets=BATCH_BUCKETS, registry=reg)
+
+    def for_model(self, name: str, version: int) -> ModelMetrics:
+        labels = (name, str(version))
+        return ModelMetrics(self._queue.labels(*labels), self._preprocess.labels(*labels),
+                            self._inference.labels(*labels), self._batch.labels(*labels))
+
+    def watch(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+
+class StateCollector(Collector):
+    """Queue depth and the live stiffness gauges of every served version, read at scrape time.
+
+    `served` returns the ready versions (service.repository.ServedModel)."""
+
+    def __init__(self, served: Callable[[], Iterable]):
+        self._served = served
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("stepnet_model_info", "Served model versions (value 1)",
+                                 labels=["model", "version", "provider", "file"])
+        depth = GaugeMetricFamily("stepnet_queue_depth",
+                                  "Requests admitted and not yet running (pre-processing or queued)",
+                                  labels=["model", "version"])
+        layer = ["model", "version", "layer"]
+        step = GaugeMetricFamily("stepnet_layer_step_size_mean",
+                                 "Live mean step size over the default /stiffness window", labels=layer)
+        nsi = GaugeMetricFamily("stepnet_layer_nsi_mean",
+                                "Live mean NSI over the default /stiffness window", labels=layer)
+        drift = GaugeMetricFamily("stepnet_layer_drift", "Live log-NSI mean minus the reference "
+                                  "mean, in reference standard deviations", labels=layer)
+        for served in self._served():
+            labels = [served.name, str(served.version)]
+            info.add_metric([*labels, served.provider, served.file], 1)
+            depth.add_metric(labels, served.batcher.depth)
+            for row in served.stiffness.summary().layers:
+                if row.live.count == 0:
+                    continue
+                step.add_metric([*labels, row.name], row.live.step_size_mean)
+                if row.live.nsi_mean is not None:
+                    nsi.add_metric([*labels, row.name], row.live.nsi_mean)
+                if row.drift is not None:
+                    drift.add_metric([*labels, row.name], row.drift)
+        yield from (info, depth, step, nsi, drift)
+
+
+class GpuCollector(Collector):
+    """GPU memory and utilization through NVML (nvidia-ml-py), registered on CUDA hosts only."""
+
+    def __init__(self):
+        import pynvml
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+
+    def collect(self) -> Iterator[Metric]:
+        used = GaugeMetricFamily("stepnet_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
+        total = GaugeMetricFamily("stepnet_gpu_memory_total_bytes", "GPU memory", labels=["gpu"])
+        util = GaugeMetricFamily("stepnet_gpu_utilization_ratio",
+                                 "Fraction of the last sample period the GPU was busy", labels=["gpu"])
+        for i, handle in enumerate(self._handles):
+            memory = self._nvml.nvmlDeviceGetMemoryInfo(handle)
+            used.add_metric([str(i)], memory.used)
+            total.add_metric([str(i)], memory.total)
+            util.add_metric([str(i)], self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
+        yield from (used, total, util)
+
+
+class RequestMetricsMiddleware:
+    """Counts every HTTP request by endpoint (the route's path template) and status, and times it.
+    Plain ASGI: BaseHTTPMiddleware would add a task and a stream copy per request."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_and_watch(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        started = time.perf_counter()
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            self.metrics.in_flight.dec()
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)

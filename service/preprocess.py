@@ -1,0 +1,92 @@
+"""Image bytes -> the model's input tensor, exactly as the training side prepares an image:
+decode with Pillow, apply the EXIF orientation, convert to the model's colour mode, resize the
+shorter side (bilinear), centre-crop, scale to [0, 1], normalize with the metadata's mean and std.
+
+Runs in a thread pool (Pillow releases the GIL while decoding and resizing). Untrusted bytes are
+refused early: the pixel count is read from the header before anything is decoded.
+"""
+
+import io
+
+import numpy as np
+from PIL import ExifTags, Image, ImageOps
+
+from service.errors import ImageTooLarge, InvalidImage, ServiceError
+from service.metadata import Preprocessing
+
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")    # JPEG covers MPO (phone cameras)
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+Image.init()                    # import the decoders now, not on the first request
+Image.MAX_IMAGE_PIXELS = None   # the limit is STEPNET_MAX_IMAGE_PIXELS, checked below before decoding
+
+
+class Preprocessor:
+    """The pre-processing of one model, with its normalization folded into one multiply-add."""
+
+    def __init__(self, spec: Preprocessing, max_pixels: int):
+        self.spec, self.max_pixels = spec, max_pixels
+        mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
+        self._scale = (1.0 / (255.0 * std))[:, None, None]      # (C, 1, 1): x/255 then (x - mean)/std
+        self._offset = (-mean / std)[:, None, None]
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        """(C, crop, crop) float32."""
+        try:
+            image = self._decode(data)
+        except ServiceError:
+            raise
+        except Exception as exc:     # whatever untrusted bytes make a decoder raise is the client's
+            raise InvalidImage(f"cannot decode the image: {exc}") from None
+        pixels = np.asarray(image)                              # uint8 (H, W) or (H, W, 3)
+        chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        out = np.empty(chw.shape, np.float32)                   # (C, H, W), C-contiguous
+        np.multiply(chw, self._scale, out=out)
+        out += self._offset
+        return out
+
+    def _decode(self, data: bytes) -> Image.Image:
+        spec = self.spec
+        try:
+            image = Image.open(io.BytesIO(data), formats=FORMATS)       # reads the header only
+        except Image.UnidentifiedImageError:
+            raise InvalidImage(f"not an image in a supported format ({', '.join(FORMATS)})") from None
+        width, height = image.size
+        if width * height > self.max_pixels:
+            raise ImageTooLarge(f"the image is {width}x{height} = {width * height} pixels; the limit "
+                                f"is {self.max_pixels} (STEPNET_MAX_IMAGE_PIXELS)")
+        if width < 1 or height < 1:
+            raise InvalidImage(f"the image is {width}x{height}")
+        if image.format in ("JPEG", "MPO"):   # the decoder scales down by up to 8x (DCT): far less work
+            factor = spec.resize / min(width, height)
+            image.draft(spec.colour_mode, (max(1, round(width * factor)), max(1, round(height * factor))))
+        image.load()                 # decodes; raises on truncated data
+        if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+            image = ImageOps.exif_transpose(image)
+        image = _to_mode(image, spec.colour_mode)
+        return _resize_and_crop(image, spec.resize, spec.crop)
+
+
+def _to_mode(image: Image.Image, mode: str) -> Image.Image:
+    """Any Pillow mode -> "L" or "RGB". 16-bit images keep their full range (Pillow's own convert
+    clips them); transparent pixels count as black, the digits' background."""
+    if image.mode in _SIXTEEN_BIT:
+        image = Image.fromarray(np.rint(np.asarray(image, np.float32) / 257.0).clip(0, 255).astype(np.uint8))
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        image = Image.new("RGB", rgba.size)
+        image.paste(rgba, mask=rgba.getchannel("A"))
+    return image if image.mode == mode else image.convert(mode)
+
+
+def _resize_and_crop(image: Image.Image, resize: int, crop: int) -> Image.Image:
+    """torchvision's Resize(resize) then CenterCrop(crop), on a Pillow image (the training path)."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    new_long = int(resize * long / short)
+    size = (resize, new_long) if width <= height else (new_long, resize)
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    left, top = int(round((size[0] - crop) / 2.0)), int(round((size[1] - crop) / 2.0))
+    return image.crop((left, top, left + crop, top + crop))   # pads with zeros where crop > size

@@ -1,0 +1,111 @@
+"""The protocol's JSON bodies as pydantic models: inference requests are validated with them, and
+/docs shows them."""
+
+from typing import Any, Annotated
+
+from pydantic import BaseModel, Field, StrictInt
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    version: str = Field(description="the version asked for, or the one served by default")
+    ready: bool
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1: any size (the batch axis)")
+
+
+class ModelMetadataResponse(BaseModel):
+    name: str
+    versions: list[str] = Field(description="the versions served")
+    platform: str
+    inputs: list[TensorMetadata] = Field(description="a request sends one of them")
+    outputs: list[TensorMetadata]
+
+
+class RequestInput(BaseModel):
+    name: str
+    shape: list[Annotated[StrictInt, Field(ge=0)]]
+    datatype: str
+    parameters: dict[str, Any] = Field(default_factory=dict,
+                                       description="binary_data_size: the tensor follows the JSON as binary data")
+    data: list[Any] | None = Field(None, description="row-major, flat or nested; BYTES elements: base64 strings")
+
+
+class RequestOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] = Field(default_factory=dict,
+                                       description="binary_data: true returns the tensor as binary data")
+
+
+class InferRequest(BaseModel):
+    id: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict,
+                                       description="binary_data_output: default of every output's binary_data")
+    inputs: list[RequestInput] = Field(min_length=1)
+    outputs: list[RequestOutput] | None = Field(None, description="default: every output")
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] | None = Field(None, description="binary_data_size where sent as binary data")
+    data: list[float | None] | None = Field(None, description="row-major, flat; null for NaN (undefined NSI)")
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[ResponseOutput]
+
+
+class IndexRequest(BaseModel):
+    ready: bool = Field(False, description="list only the versions that are ready")
+
+
+class IndexEntry(BaseModel):
+    name: str
+    version: str
+    state: str = Field(description="READY | LOADING | UNLOADING | UNAVAILABLE")
+    reason: str = Field(description="why it is not served; empty when it is")
+
+
+class RepositoryRequest(BaseModel):
+    parameters: dict[str, Any] = Field(default_factory=dict, description="unload: `version` unloads that "
+                                                                         "version only")
+
+
+def inline_schema(model: type[BaseModel]) -> dict:
+    """The model's JSON schema with its $defs substituted, for an OpenAPI requestBody."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    return resolve(schema)

@@ -1,0 +1,122 @@
+"""The JSON bodies of the API as pydantic models, so /docs shows exactly what is returned."""
+
+from pydantic import BaseModel, Field
+
+from service.metadata import Accuracy, InputSpec, Layer, Outputs, Preprocessing
+
+
+class Prediction(BaseModel):
+    index: int
+    label: str
+    probability: float
+
+
+class StepSize(BaseModel):
+    mean: float
+    min: float
+    max: float
+
+
+class LayerDiagnostics(BaseModel):
+    name: str
+    stage: int
+    block: int
+    step_size: StepSize = Field(description="the adaptor's h over the block's channels (DESIGN 1.3)")
+    nsi: float | None = Field(description="neural stiffness index (DESIGN 1.1); null for the first "
+                                          "block of a stage")
+
+
+class Timing(BaseModel):
+    queue: float = Field(description="waiting for a batch, ms")
+    preprocess: float = Field(description="decode and pre-processing, ms")
+    inference: float = Field(description="session.run of the batch this request ran in, ms")
+    total: float = Field(description="from the start of the handler to the response, ms")
+
+
+class PredictResponse(BaseModel):
+    model: str
+    version: int
+    predictions: list[Prediction]
+    layers: list[LayerDiagnostics]
+    timing_ms: Timing
+
+
+class ReferenceStats(BaseModel):
+    step_size_mean: float
+    step_size_std: float
+    log_nsi_mean: float | None
+    log_nsi_std: float | None
+
+
+class LiveStats(BaseModel):
+    count: int = Field(description="requests in the window")
+    step_size_mean: float | None
+    step_size_p95: float | None
+    nsi_mean: float | None
+    nsi_p50: float | None
+    nsi_p95: float | None
+
+
+class LayerStiffness(BaseModel):
+    name: str
+    stage: int
+    block: int
+    reference: ReferenceStats = Field(description="the export's calibration profile")
+    live: LiveStats
+    drift: float | None = Field(description="(live mean of log NSI - reference mean) / reference std; "
+                                            "signed: > 0 is stiffer than the calibration data")
+
+
+class StiffnessRatio(BaseModel):
+    reference: float | None
+    live: float | None
+
+
+class StageStiffness(BaseModel):
+    stage: int
+    stiffness_ratio: StiffnessRatio = Field(
+        description="largest over smallest geometric-mean NSI of the stage's blocks (DESIGN 1.1)")
+
+
+class StiffnessResponse(BaseModel):
+    model: str
+    version: int
+    window: int = Field(description="the last `window` requests were asked for")
+    count: int = Field(description="requests in the window so far")
+    layers: list[LayerStiffness]
+    stages: list[StageStiffness]
+
+
+class ModelVersionInfo(BaseModel):
+    name: str
+    version: int
+    default: bool = Field(description="served when a request names no model")
+    state: str = Field(description="loading | ready | failed | unloading | unloaded")
+    provider: str | None = Field(description="ONNX Runtime execution provider")
+    file: str = Field(description="the ONNX file served (a variant where configured)")
+    family: str
+    depth: int
+    classes: list[str]
+    input: InputSpec
+    preprocessing: Preprocessing
+    layers: list[Layer]
+    outputs: Outputs
+    accuracy: Accuracy
+    verification: dict
+    checkpoint_sha256: str
+    exporter_version: str
+    opset: int
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelVersionInfo]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    ready: bool
+    models: dict[str, str] = Field(description="model:version -> loading | ready | failed | unloading | "
+                                               "unloaded")

@@ -1,0 +1,112 @@
+"""One loaded model version: metadata, ONNX Runtime session, pre-processing, batcher and live
+stiffness statistics, and the leases that let it be retired safely.
+
+A request takes a lease on the version it resolved (service.api.deps) and holds it until it has
+its answer. Retiring a version (hot reload, unload) first waits for its leases to end, then drains
+and stops its batcher: a request always finishes on the version it started on.
+"""
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack, contextmanager
+
+import numpy as np
+
+from service.batcher import Batcher, BatchResult, Slot
+from service.core.config import Settings
+from service.metadata import ModelMetadata
+from service.metrics import ModelMetrics
+from service.preprocess import Preprocessor
+from service.runtime import Session
+from service.stiffness import StiffnessTracker
+
+log = logging.getLogger(__name__)
+
+
+class ServedModel:
+    def __init__(self, meta: ModelMetadata, file: str, session: Session, settings: Settings,
+                 metrics: ModelMetrics, preprocess_pool: ThreadPoolExecutor):
+        self.meta, self.file, self.session = meta, file, session
+        self.name, self.version, self.provider = meta.name, meta.version, session.provider
+        self.preprocessor = Preprocessor(meta.preprocessing, settings.max_image_pixels)
+        self.stiffness = StiffnessTracker(meta, settings.stiffness_history)
+        self._metrics, self._pool = metrics, preprocess_pool
+        self.batcher = Batcher(self._run, name=f"{self.name}:{self.version}",
+                               input_dtype=session.input_dtype, max_batch_size=settings.max_batch_size,
+                               max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
+                               max_queue_size=settings.max_queue_size, metrics=metrics)
+        self._leases = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ------------------------------------------------------------ inference
+
+    async def infer_image(self, data: bytes) -> tuple[BatchResult, float]:
+        """Encoded image -> this request's outputs (logits, step_size, nsi) and its pre-processing
+        seconds."""
+        results, preprocess_s = await self.infer_images([data])
+        return results[0], preprocess_s
+
+    async def infer_images(self, images: Sequence[bytes]) -> tuple[list[BatchResult], float]:
+        """Encoded images -> one result per image, and the seconds their pre-processing took (in
+        parallel). The batcher's slots are taken first, so a full queue refuses before decoding."""
+        async with AsyncExitStack() as stack:
+            slots = await self._slots(stack, len(images))
+            started = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            rows = await asyncio.gather(*(loop.run_in_executor(self._pool, self.preprocessor, data)
+                                          for data in images))
+            preprocess_s = time.perf_counter() - started
+            results = await self._submit(slots, rows)
+        for _ in images:
+            self._metrics.preprocess_seconds.observe(preprocess_s)
+        return results, preprocess_s
+
+    async def infer_tensor(self, batch: np.ndarray) -> list[BatchResult]:
+        """Pre-processed (B, C, H, W) input -> one result per row; each row joins the batcher as
+        an image from /predict does."""
+        async with AsyncExitStack() as stack:
+            slots = await self._slots(stack, len(batch))
+            return await self._submit(slots, list(batch))
+
+    async def _slots(self, stack: AsyncExitStack, n: int) -> list[Slot]:
+        # all or nothing: a refused slot releases the ones taken before it on the way out
+        return [await stack.enter_async_context(self.batcher.slot()) for _ in range(n)]
+
+    async def _submit(self, slots: list[Slot], rows: list[np.ndarray]) -> list[BatchResult]:
+        results = await asyncio.gather(*(slot.submit(x) for slot, x in zip(slots, rows)))
+        for result in results:
+            self._metrics.queue_seconds.observe(result.queue_s)
+        return results
+
+    def _run(self, batch: np.ndarray) -> list[np.ndarray]:
+        logits, step_size, nsi = self.session.run(batch)     # (B, K), (B, L, 3), (B, L)
+        self.stiffness.record(step_size, nsi)
+        return [logits, step_size, nsi]
+
+    # ------------------------------------------------------------ lifetime
+
+    @contextmanager
+    def lease(self) -> Iterator["ServedModel"]:
+        """Held by a request from the moment it resolves this version until it has its answer."""
+        self._leases += 1
+        self._idle.clear()
+        try:
+            yield self
+        finally:
+            self._leases -= 1
+            if self._leases == 0:
+                self._idle.set()
+
+    async def retire(self, timeout_s: float) -> None:
+        """Called once this version is no longer published: let the requests that hold it finish
+        (up to timeout_s), then drain and stop the batcher."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            log.warning("%s:%s: %d request(s) still running after %.0f s; stopping it anyway",
+                        self.name, self.version, self._leases, timeout_s)
+        await self.batcher.close(timeout_s)

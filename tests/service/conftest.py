@@ -1,0 +1,203 @@
+"""Real servers for the service tests: uvicorn processes on free loopback ports, stopped at the end.
+
+`server` is one shared server (started with `stepnet serve`) for every test whose settings allow
+it; tests that need other settings start their own with `start_server`. The repository they
+serve is a temporary copy of the committed default model (and a second copy under another name).
+"""
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = ROOT / "model_repository" / "stepnet-digits" / "1"
+SECOND_MODEL = "stepnet-digits-b"
+START_TIMEOUT_S = 90
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A service process: `stepnet serve` or `python -m uvicorn service.main:app`."""
+
+    def __init__(self, repository: Path, log_path: Path, settings: dict[str, str], cli: bool):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STEPNET_")}
+        env.update({"STEPNET_MODEL_REPOSITORY": str(repository), **settings})
+        if cli:
+            cmd = [sys.executable, "-m", "stepnet.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        else:
+            cmd = [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1",
+                   "--port", str(self.port), "--timeout-graceful-shutdown", "20"]
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        self.readiness_seen: list[int] = []     # /readyz statuses while starting, in order
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> "Server":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                status = httpx.get(self.url + "/readyz", timeout=2).status_code
+            except httpx.TransportError:
+                time.sleep(0.02)
+                continue
+            self.readiness_seen.append(status)
+            if status == 200:
+                return self
+            time.sleep(0.01)
+        raise AssertionError(f"server not ready after {timeout} s:\n{self.log()}")
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    if not (DEFAULT_MODEL / "model.json").is_file():
+        pytest.fail(f"{DEFAULT_MODEL} is missing: `make model` exports it")
+    return DEFAULT_MODEL
+
+
+def copy_version(source: Path, repository: Path, name: str, version: int, folder: str | None = None) -> Path:
+    """A copy of a model version under another name or number (model.json says so too), in
+    <repository>/<name>/<folder or version>."""
+    target = repository / name / (folder or str(version))
+    shutil.copytree(source, target)
+    meta = json.loads((target / "model.json").read_text())
+    meta.update(name=name, version=version)
+    (target / "model.json").write_text(json.dumps(meta))
+    return target
+
+
+@pytest.fixture(scope="session")
+def publish_version():
+    """publish_version(source, repository, name, version, alter=None) -> the new version folder.
+    Written as the exporter does: in a hidden folder beside it, altered there by alter(folder) if
+    given, then renamed into place in one step."""
+    def publish(source: Path, repository: Path, name: str, version: int, alter=None) -> Path:
+        hidden = copy_version(source, repository, name, version, folder=f".{version}.partial-test")
+        if alter is not None:
+            alter(hidden)
+        return hidden.rename(repository / name / str(version))
+
+    return publish
+
+
+@pytest.fixture(scope="session")
+def metric():
+    """metric(url, name, **labels) -> the value of one sample of the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def read(url: str, name: str, **labels) -> float:
+        text = httpx.get(url + "/metrics", timeout=10).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        raise KeyError(name)
+
+    return read
+
+
+@pytest.fixture(scope="session")
+def repository(tmp_path_factory, default_model) -> Path:
+    """The default model, and a copy named stepnet-digits-b that only the stiffness test uses."""
+    root = tmp_path_factory.mktemp("repository")
+    shutil.copytree(default_model, root / "stepnet-digits" / "1")
+    copy_version(default_model, root, SECOND_MODEL, 1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def single_model_repository(tmp_path_factory, default_model) -> Path:
+    """The default model alone: it is the default without STEPNET_DEFAULT_MODEL."""
+    root = tmp_path_factory.mktemp("single")
+    shutil.copytree(default_model, root / "stepnet-digits" / "1")
+    return root
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory):
+    """start_server(repository, cli=False, **STEPNET_settings) -> a ready Server."""
+    servers = []
+
+    def start(repository: Path, cli: bool = False, wait: bool = True, **settings) -> Server:
+        log_path = tmp_path_factory.mktemp("server") / "server.log"
+        server = Server(repository, log_path, {f"STEPNET_{k.upper()}": str(v) for k, v in settings.items()}, cli)
+        servers.append(server)
+        return server.wait_ready() if wait else server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(start_server, repository) -> Server:
+    """The shared server: `stepnet serve`, two models, default stepnet-digits, 1 MiB uploads."""
+    return start_server(repository, cli=True, default_model="stepnet-digits",
+                        max_upload_bytes=1024 * 1024, max_queue_size=256)
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The first 100 test-split digits: uint8 (100, 8, 8) white on black, and their labels."""
+    from models.data import digits_split
+
+    images, labels = digits_split("test")
+    return images[:100], labels[:100]
+
+
+def _encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def encode():
+    """encode(PIL image or uint8 array, fmt="PNG", **save_options) -> bytes."""
+    return lambda image, fmt="PNG", **options: _encode(
+        image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8)), fmt, **options)
+
+
+@pytest.fixture(scope="session")
+def digit_png(digits) -> bytes:
+    return _encode(Image.fromarray(digits[0][0]))

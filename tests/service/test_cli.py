@@ -1,0 +1,49 @@
+"""`stepnet serve` refuses what it cannot serve in one line (exit 2), before starting a server."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def serve(*args, **env):
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("STEPNET_")}
+    return subprocess.run([sys.executable, "-m", "stepnet.cli", "serve", *map(str, args)], capture_output=True,
+                          text=True, timeout=50, env={**environ, **env})
+
+
+def test_missing_repository(tmp_path):
+    result = serve("--model-repository", tmp_path / "nope")
+    assert result.returncode == 2
+    assert result.stderr.startswith("stepnet serve: error: model repository") and "make model" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_empty_repository_and_unknown_default_model(tmp_path, repository):
+    result = serve("--model-repository", tmp_path)
+    assert result.returncode == 2 and "no model to serve" in result.stderr
+    result = serve("--model-repository", repository, STEPNET_DEFAULT_MODEL="nope")
+    assert result.returncode == 2 and "STEPNET_DEFAULT_MODEL=nope" in result.stderr
+
+
+def test_invalid_setting():
+    result = serve(STEPNET_MAX_BATCH_SIZE="zero")
+    assert result.returncode == 2 and "STEPNET_MAX_BATCH_SIZE" in result.stderr
+
+
+def test_cuda_without_a_gpu(single_model_repository):
+    """STEPNET_DEVICE=cuda refuses to start, saying why, rather than never becoming ready."""
+    pynvml = pytest.importorskip("pynvml")
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        pass
+    else:
+        pytest.skip("this machine has an NVIDIA driver")
+    result = serve("--model-repository", single_model_repository, STEPNET_DEVICE="cuda")
+    assert result.returncode == 2
+    assert result.stderr.startswith("stepnet serve: error: STEPNET_DEVICE=cuda, but ")
+    assert "STEPNET_DEVICE=auto" in result.stderr
