@@ -51,6 +51,7 @@ test: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # Builds and runs the Dockerfile with Podman (as root; installs what it needs): deploy/container-test.sh.
+# About 7 minutes on a fresh machine, 1 minute when rerun; not part of `test` (docs/deploy.md).
 container-test:
 	bash deploy/container-test.sh
 
