@@ -1,0 +1,440 @@
+"""`stepnet analyze`: what the diagnostics of DESIGN 1.3 mean, measured on trained models (issue 8).
+
+Trains (or loads) resnet, se and stepnet at one depth over several seeds, runs each over the test
+split with diagnostics, and computes:
+
+1. accuracy (mean and std over seeds), parameters and FLOPs per family;
+2. per-block NSI (and step size) profiles with min/max envelopes over the test samples;
+3. step size against NSI: Spearman rank correlation across layers and within each layer;
+4. stage stiffness ratios (DESIGN 1.1);
+5. sparse adaptors: StepNet with an adaptor only at the k blocks of highest reference NSI, where
+   the reference is resnet's NSI on training images (the network the adaptors would be added to),
+   against all blocks (stepnet) and none (resnet: a stepnet without adaptors is the same network).
+
+The runs that were not given train side by side in worker processes (--jobs), resnet first, so
+that the reference NSI of the sparse runs is measured while the other families still train.
+`analyze` writes OUT/results.json; models/analysis_report.py draws the figures and OUT/report.md.
+"""
+
+import json
+import multiprocessing
+import os
+import resource
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import stats
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
+
+from models import checkpoint, data, stiffness
+from models.net import DEPTHS, FAMILIES, StepNet, build
+from models.train import TrainConfig, fixed_subset, train
+from stepnet.errors import UserError
+
+DEFAULT_DEPTH, DEFAULT_SEEDS, DEFAULT_EPOCHS = 20, 3, 5
+DEFAULT_SPARSE_K = (1, 3)
+REFERENCE_IMAGES = 2000        # training images the reference NSI profile is measured on
+CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    out: Path
+    dataset: str | None = None             # None: digits, or the data set of --checkpoints
+    data_dir: Path | None = None
+    depth: int | None = None               # None: DEFAULT_DEPTH, or the depth of --checkpoints
+    seeds: int | None = None               # None: DEFAULT_SEEDS; seeds 0 .. seeds-1
+    epochs: int | None = None              # None: DEFAULT_EPOCHS
+    sparse_k: tuple[int, ...] = DEFAULT_SPARSE_K
+    checkpoints: tuple[Path, ...] = ()     # given checkpoints replace training of the three families
+    checkpoint_dir: Path | None = None     # where trained checkpoints go; None: OUT/checkpoints
+    train_images: int | None = None        # train on a fixed subset of this many images; None: all
+    batch_size: int = 64
+    lr: float = 0.1
+    jobs: int | None = None                # models trained at once; None: one per CPU core
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How every compared model is trained: the same for all runs of one analysis."""
+    dataset: str
+    depth: int
+    seeds: tuple[int, ...]
+    epochs: int
+    batch_size: int
+    lr: float
+    train_images: int | None
+
+
+@dataclass(frozen=True)
+class RunKey:
+    family: str
+    seed: int
+    blocks: tuple[str, ...] | None = None  # adaptor blocks of a sparse stepnet; None: all
+
+    @property
+    def name(self) -> str:
+        kind = self.family if self.blocks is None else f"stepnet-top{len(self.blocks)}"
+        return f"{kind}-seed{self.seed}"
+
+
+# ---------------------------------------------------------------- inputs: recipe and given checkpoints
+
+def _unique(configs: list[dict], what: str, get) -> object:
+    values = {json.dumps(get(c)) for c in configs}
+    if len(values) != 1:
+        raise UserError(f"the checkpoints disagree on {what} ({', '.join(sorted(values))}); "
+                        "give checkpoints of one training recipe")
+    return get(configs[0])
+
+
+def _run_key(config: dict) -> RunKey:
+    blocks = config["model"].get("adaptor_blocks")
+    return RunKey(config["model"]["family"], int(config["seed"]), None if blocks is None else tuple(blocks))
+
+
+def _given_runs(cfg: AnalysisConfig) -> tuple[Recipe, dict[RunKey, Path]]:
+    if cfg.seeds is not None or cfg.epochs is not None:
+        raise UserError("--seeds and --epochs come from the checkpoints; leave them out with --checkpoints")
+    configs, given = [], {}
+    for folder in cfg.checkpoints:
+        config = checkpoint.read_config(folder)
+        if "seed" not in config or "epochs" not in config:
+            raise UserError(f"{folder}: not written by `stepnet train` (no seed or epochs in its config)")
+        key = _run_key(config)
+        if key in given:
+            raise UserError(f"{folder} and {given[key]} are both {key.name}")
+        configs.append(config)
+        given[key] = Path(folder)
+    recipe = Recipe(
+        dataset=_unique(configs, "the data set", lambda c: c.get("dataset")),
+        depth=_unique(configs, "the depth", lambda c: c["model"]["depth"]),
+        seeds=(), epochs=_unique(configs, "epochs", lambda c: c["epochs"]),
+        batch_size=_unique(configs, "batch size", lambda c: c.get("batch_size", 64)),
+        lr=_unique(configs, "learning rate", lambda c: c.get("lr", 0.1)),
+        train_images=_unique(configs, "training images", lambda c: c.get("train_images")))
+    for name, value in (("--dataset", cfg.dataset), ("--depth", cfg.depth)):
+        if value is not None and value != getattr(recipe, name[2:]):
+            raise UserError(f"{name} {value} differs from the checkpoints' {getattr(recipe, name[2:])}")
+    seeds = {f: sorted(k.seed for k in given if k.family == f and k.blocks is None) for f in FAMILIES}
+    if not all(seeds.values()) or len({tuple(s) for s in seeds.values()}) != 1:
+        have = "; ".join(f"{f}: {', '.join(map(str, s)) or 'none'}" for f, s in seeds.items())
+        raise UserError(f"--checkpoints must hold resnet, se and stepnet for the same seeds ({have})")
+    return replace(recipe, seeds=tuple(seeds["stepnet"])), given
+
+
+def _recipe(cfg: AnalysisConfig) -> Recipe:
+    seeds = DEFAULT_SEEDS if cfg.seeds is None else cfg.seeds
+    epochs = DEFAULT_EPOCHS if cfg.epochs is None else cfg.epochs
+    depth = DEFAULT_DEPTH if cfg.depth is None else cfg.depth
+    if seeds < 1 or epochs < 1:
+        raise UserError("--seeds and --epochs must be at least 1")
+    if depth not in DEPTHS:
+        raise UserError(f"unknown depth {depth}; choose from {', '.join(map(str, DEPTHS))}")
+    return Recipe(cfg.dataset or "digits", depth, tuple(range(seeds)), epochs, cfg.batch_size, cfg.lr,
+                  cfg.train_images)
+
+
+def _check_out(cfg: AnalysisConfig) -> None:
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise UserError(f"{cfg.out} is not a folder")
+    if cfg.out.is_dir() and any(cfg.out.iterdir()) and not cfg.force:
+        raise UserError(f"{cfg.out} already exists and is not empty (use --force to write into it)")
+
+
+# ---------------------------------------------------------------- measurements
+
+def model_cost(model: StepNet, info: data.DataInfo) -> dict:
+    """Parameters, and FLOPs of one forward pass of one image as torch's FlopCounterMode counts
+    them (2 per multiply-add of convolutions and matrix products; element-wise ops not counted)."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros(1, info.in_channels, info.input_size, info.input_size))
+    return {"params": sum(p.numel() for p in model.parameters()), "flops": counter.get_total_flops()}
+
+
+@torch.no_grad()
+def diagnose(model: StepNet, dataset, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Per test sample: correct (N,), step_size (N, L, 3: mean, min, max over channels), nsi (N, L)."""
+    model.eval()
+    correct, steps, nsis = [], [], []
+    for images, labels in DataLoader(dataset, batch_size=batch_size):
+        logits, step_size, nsi = model(images, diagnostics=True)
+        correct.append((logits.argmax(1) == labels).numpy())
+        steps.append(step_size.numpy())
+        nsis.append(nsi.numpy())
+    return {"correct": np.concatenate(correct), "step_size": np.concatenate(steps),
+            "nsi": np.concatenate(nsis)}
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its children that have ended (the training workers)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Spearman's rank correlation; None where it is undefined (a constant, as resnet's h = 1)."""
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    return float(stats.spearmanr(x, y).statistic)
+
+
+def compare(a: list[float], b: list[float]) -> dict:
+    """Accuracy a minus accuracy b over seeds: the difference of the means in points, and the
+    p-value of Welch's t-test (None with fewer than two seeds on a side or no spread at all)."""
+    p_value = None
+    if min(len(a), len(b)) > 1 and max(np.ptp(a), np.ptp(b)) > 0:
+        p_value = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    return {"difference": 100 * float(np.mean(a) - np.mean(b)), "p_value": p_value}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
+def _layer_means(nsi: np.ndarray) -> np.ndarray:
+    """Mean over samples per layer of (N, L) NSI; NaN for the layers where it is undefined."""
+    means = np.full(nsi.shape[1], np.nan)
+    defined = ~np.isnan(nsi).all(0)
+    means[defined] = np.nanmean(nsi[:, defined], 0)
+    return means
+
+
+def _none_if_nan(values: np.ndarray) -> list[float | None]:
+    return [None if np.isnan(v) else float(v) for v in values]
+
+
+def summarize_family(runs: list[dict], layers: list[dict]) -> dict:
+    """The items 1-4 of one family from its runs (one per seed, each with diagnose()'s arrays)."""
+    defined = np.array([row["nsi_defined"] for row in layers])
+    stages = [row["stage"] for row in layers]
+    nsi = np.concatenate([r["nsi"][:, defined] for r in runs])        # (seeds * N, L defined)
+    step = np.concatenate([r["step_size"][:, :, 0] for r in runs])    # (seeds * N, L)
+    nsi_means = np.stack([r["nsi"][:, defined].mean(0) for r in runs])          # (seeds, L defined)
+    step_means = np.stack([r["step_size"][:, defined, 0].mean(0) for r in runs])
+    within = [_spearman(r["nsi"][:, i], r["step_size"][:, i, 0])
+              for r in runs for i in np.flatnonzero(defined)]
+    within = [v for v in within if v is not None]
+    ratios = np.stack([                                               # (seeds, S): median over samples
+        np.median(stiffness.stage_stiffness_ratio(torch.from_numpy(r["nsi"]), stages).numpy(), 0)
+        for r in runs])
+
+    def per_layer(values: np.ndarray) -> list[float | None]:          # None where NSI is undefined
+        full = np.full(len(layers), np.nan)
+        full[defined] = values
+        return _none_if_nan(full)
+
+    accuracy = [float(r["correct"].mean()) for r in runs]
+    acc_mean, acc_std = _mean_std(accuracy)
+    return {
+        "accuracy": accuracy, "accuracy_mean": acc_mean, "accuracy_std": acc_std,
+        "params": runs[0]["params"], "flops": runs[0]["flops"],
+        "nsi_mean": per_layer(nsi_means.mean(0)), "nsi_min": per_layer(nsi.min(0)),
+        "nsi_max": per_layer(nsi.max(0)),
+        "step_size_mean": step.mean(0).tolist(), "step_size_min": step.min(0).tolist(),
+        "step_size_max": step.max(0).tolist(),
+        "spearman_across_layers": _spearman(nsi_means.ravel(), step_means.ravel()),
+        "spearman_within_layers": float(np.mean(within)) if within else None,
+        "stage_stiffness_ratio": [{"stage": stage, **dict(zip(("mean", "std"), _mean_std(col.tolist())))}
+                                  for stage, col in zip(dict.fromkeys(stages), ratios.T)],
+    }
+
+
+def top_k_blocks(reference_nsi: list[float | None], layers: list[dict], k: int) -> tuple[str, ...]:
+    """The k blocks of highest reference NSI, in network order."""
+    ranked = sorted((v, i) for i, v in enumerate(reference_nsi) if v is not None)[::-1]
+    return tuple(layers[i]["name"] for i in sorted(i for _, i in ranked[:k]))
+
+
+# ---------------------------------------------------------------- the analysis
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+@contextmanager
+def _training_pool(jobs: int):
+    """`jobs` worker processes with an equal share of the cores each, or None for jobs < 2. Small
+    CPU models train faster side by side on one core each than one at a time on all cores (above
+    all on a shared machine, where idle OpenMP threads spin); this process takes the same share."""
+    if jobs < 2:
+        yield None
+        return
+    threads, before = max(1, len(os.sched_getaffinity(0)) // jobs), torch.get_num_threads()
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(threads,))
+    torch.set_num_threads(threads)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(before)
+
+
+class _Runner:
+    """Trains each run that was not given (in the pool, or here without one), then loads and
+    measures it on the test split."""
+
+    def __init__(self, recipe: Recipe, cfg: AnalysisConfig, given: dict[RunKey, Path], total: int,
+                 log: Callable[[str], None]):
+        self.recipe, self.cfg, self.given, self.total, self.log = recipe, cfg, given, total, log
+        self.test_set, self.info = data.load(recipe.dataset, "test", cfg.data_dir)
+        self.folder = cfg.checkpoint_dir or cfg.out / "checkpoints"
+        self.pool: ProcessPoolExecutor | None = None
+        self.futures: dict[RunKey, Future] = {}
+        self.costs: dict[tuple, dict] = {}
+        self.started = time.perf_counter()
+        self.training_seconds = 0.0   # wall time from the start until the last training ended
+        self.done = 0
+
+    def checkpoint(self, key: RunKey) -> Path:
+        return self.given.get(key) or self.folder / key.name
+
+    def submit(self, key: RunKey) -> None:
+        """Start training `key` unless it was given (without a pool: train it now)."""
+        if key in self.given:
+            self._finished(key, None)
+            return
+        r = self.recipe
+        job = TrainConfig(out=self.folder / key.name, dataset=r.dataset, data_dir=self.cfg.data_dir,
+                          family=key.family, depth=r.depth, epochs=r.epochs, batch_size=r.batch_size,
+                          lr=r.lr, seed=key.seed, adaptor_blocks=key.blocks, train_images=r.train_images,
+                          force=True, progress=False)
+        if self.pool is None:
+            self._finished(key, train(job))
+            return
+        self.futures[key] = self.pool.submit(train, job)
+        self.futures[key].add_done_callback(lambda future: self._trained(key, future))
+
+    def _trained(self, key: RunKey, future: Future) -> None:
+        if not future.cancelled() and future.exception() is None:   # errors surface in measure()
+            self._finished(key, future.result())
+
+    def _finished(self, key: RunKey, config: dict | None) -> None:
+        self.done += 1
+        if config is None:
+            what = f"loaded ({self.given[key]})"
+        else:
+            self.training_seconds = time.perf_counter() - self.started
+            what = (f"trained in {config['train_seconds']:.0f} s, test accuracy "
+                    f"{config['test_accuracy']:.4f} ({self.folder / key.name})")
+        self.log(f"[{self.done}/{self.total}] {key.name}: {what}")
+
+    def measure(self, key: RunKey, reference_set=None) -> dict:
+        """diagnose()'s arrays on the test split, the model's cost, and with a reference_set the
+        model's mean NSI per layer on it. Waits for the run's training; raises its error."""
+        if key in self.futures:
+            self.futures[key].result()
+        model, _, config = checkpoint.load(self.checkpoint(key), expect_classes=len(self.info.classes))
+        arch = (key.family, key.blocks)
+        if arch not in self.costs:
+            self.costs[arch] = model_cost(model, self.info)
+        run = {**diagnose(model, self.test_set), **self.costs[arch], "key": key,
+               "checkpoint": str(self.checkpoint(key)), "train_seconds": config.get("train_seconds")}
+        if reference_set is not None:
+            run["reference_nsi"] = _layer_means(diagnose(model, reference_set)["nsi"])
+        return run
+
+
+def cifar_estimate(results: dict) -> dict:
+    """What the same analysis would cost on CIFAR-10/100 (50,000 training and 10,000 test images),
+    scaled from this run by the images one epoch processes, a test image (forward pass only)
+    counted as a third of a training image. An estimate: it assumes the same depth and recipe."""
+    scale = (CIFAR_TRAIN + CIFAR_TEST / 3) / (results["train_images"] + results["test_images"] / 3)
+    model_epochs = len(results["runs"]) * results["epochs"]
+    return {"scale": scale,
+            "model_epoch_cpu_seconds": results["cpu_seconds"] / model_epochs * scale,
+            "idle_seconds": results["cpu_seconds"] / results["cores"] * scale,
+            "wall_seconds": results["seconds"] * scale}
+
+
+def analyze(cfg: AnalysisConfig, log: Callable[[str], None] = lambda message: None) -> dict:
+    """Run the whole analysis; writes OUT/results.json, OUT/report.md and the figures; returns the results."""
+    from models import analysis_report
+
+    started, cpu_started, load_started = time.perf_counter(), _cpu_seconds(), os.getloadavg()[0]
+    _check_out(cfg)
+    recipe, given = _given_runs(cfg) if cfg.checkpoints else (_recipe(cfg), {})
+    _, info = data.load(recipe.dataset, "test", cfg.data_dir)
+    layers = build("resnet", recipe.depth, len(info.classes), info.input_size, info.in_channels).layers()
+    candidates = sum(row["nsi_defined"] for row in layers)
+    sparse_k = sorted(set(cfg.sparse_k))
+    if any(not 1 <= k <= candidates for k in sparse_k):
+        raise UserError(f"--sparse-k values must be between 1 and {candidates}, the number of blocks "
+                        f"of depth {recipe.depth} with a defined NSI")
+    if cfg.jobs is not None and cfg.jobs < 1:
+        raise UserError("--jobs must be at least 1")
+    train_set, _ = data.load(recipe.dataset, "train", cfg.data_dir)
+    if recipe.train_images is not None and not 1 <= recipe.train_images <= len(train_set):
+        raise UserError(f"--train-images must be between 1 and {len(train_set)}")
+    reference_set = fixed_subset(train_set, min(REFERENCE_IMAGES, recipe.train_images or len(train_set)))
+    total = len(recipe.seeds) * (len(FAMILIES) + len(sparse_k))
+    jobs = min(cfg.jobs or len(os.sched_getaffinity(0)), max(1, total - len(given)))
+    runner = _Runner(recipe, cfg, given, total, log)
+
+    with _training_pool(jobs) as runner.pool:
+        for family in FAMILIES:                 # resnet first: the sparse runs need its reference NSI
+            for seed in recipe.seeds:
+                runner.submit(RunKey(family, seed))
+        resnet = [runner.measure(RunKey("resnet", seed), reference_set) for seed in recipe.seeds]
+        reference_nsi = _none_if_nan(np.mean([run["reference_nsi"] for run in resnet], 0))
+        sparse_keys = {k: [RunKey("stepnet", seed, top_k_blocks(reference_nsi, layers, k))
+                           for seed in recipe.seeds] for k in sparse_k}
+        for key in (key for keys in sparse_keys.values() for key in keys):
+            runner.submit(key)
+        runs = {"resnet": resnet, **{family: [runner.measure(RunKey(family, seed)) for seed in recipe.seeds]
+                                     for family in FAMILIES[1:]}}
+        sparse_runs = {k: [runner.measure(key) for key in keys] for k, keys in sparse_keys.items()}
+    for key in given.keys() - {run["key"] for rs in [*runs.values(), *sparse_runs.values()] for run in rs}:
+        log(f"not used: {given[key]} ({key.name}, adaptor blocks {key.blocks})")
+
+    families = {family: summarize_family(rs, layers) for family, rs in runs.items()}
+    all_names = [row["name"] for row in layers]
+    rows = [("none (resnet)", [], runs["resnet"]),
+            *((f"top-{k}", list(sparse_keys[k][0].blocks), sparse_runs[k]) for k in sparse_k),
+            ("all (stepnet)", all_names, runs["stepnet"])]
+    sparse = []
+    for label, blocks, rs in rows:
+        accuracy = [float(r["correct"].mean()) for r in rs]
+        mean, std = _mean_std(accuracy)
+        sparse.append({"label": label, "k": len(blocks), "blocks": blocks, "accuracy": accuracy,
+                       "accuracy_mean": mean, "accuracy_std": std, "params": rs[0]["params"],
+                       "flops": rs[0]["flops"],
+                       "vs_none": compare(accuracy, families["resnet"]["accuracy"])})
+    all_runs = [r for rs in [*runs.values(), *sparse_runs.values()] for r in rs]
+    results = {
+        "dataset": recipe.dataset, "depth": recipe.depth, "seeds": list(recipe.seeds),
+        "epochs": recipe.epochs, "batch_size": recipe.batch_size, "lr": recipe.lr,
+        "train_images": recipe.train_images or len(train_set),
+        "train_subset": (recipe.train_images or len(train_set)) < len(train_set),
+        "test_images": len(runner.test_set), "reference_images": len(reference_set),
+        "layers": layers, "families": families, "reference_nsi": reference_nsi, "sparse": sparse,
+        "comparisons": [{"a": a, "b": b, **compare(families[a]["accuracy"], families[b]["accuracy"])}
+                        for a, b in (("stepnet", "resnet"), ("stepnet", "se"), ("se", "resnet"))],
+        "runs": [{"name": r["key"].name, "family": r["key"].family, "seed": r["key"].seed,
+                  "adaptor_blocks": r["key"].blocks, "accuracy": float(r["correct"].mean()),
+                  "train_seconds": r["train_seconds"], "checkpoint": r["checkpoint"],
+                  "trained_here": r["key"] not in given} for r in all_runs],
+        "jobs": jobs, "cores": len(os.sched_getaffinity(0)),
+    }
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    analysis_report.figures(cfg.out, results, {f: [{k: r[k] for k in ("nsi", "step_size")} for r in rs]
+                                               for f, rs in runs.items()})
+    results["training_seconds"] = round(runner.training_seconds, 1)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    results["cpu_seconds"] = round(_cpu_seconds() - cpu_started, 1)
+    results["load_average"] = [load_started, os.getloadavg()[0]]   # 1-minute, at start and end
+    if not recipe.dataset.startswith("cifar") and not given:
+        results["cifar_estimate"] = cifar_estimate(results)
+    (cfg.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    analysis_report.write(cfg.out, results)
+    return results

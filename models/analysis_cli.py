@@ -1,0 +1,71 @@
+"""`stepnet analyze`: the stiffness analysis report (models/analysis.py). Imports nothing heavy."""
+
+import sys
+from pathlib import Path
+
+from stepnet.errors import UserError
+
+DATASET_HELP = "digits (embedded, default) | cifar10 | cifar100 | imagefolder"
+# the defaults of models.analysis (not imported here: it imports torch)
+DEFAULT_DEPTH, DEFAULT_SEEDS, DEFAULT_EPOCHS, DEFAULT_SPARSE_K = 20, 3, 5, "1,3"
+
+
+def parse_sparse_k(text: str) -> tuple[int, ...]:
+    """'1,3' -> (1, 3); 'none' -> ()."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"--sparse-k takes block counts separated by commas, like 1,3, or none; "
+                        f"got {text!r}") from None
+
+
+def _cmd_analyze(args) -> int:
+    from models.analysis import AnalysisConfig, analyze
+
+    cfg = AnalysisConfig(out=args.out, dataset=args.dataset, data_dir=args.data_dir, depth=args.depth,
+                         seeds=args.seeds, epochs=args.epochs, sparse_k=parse_sparse_k(args.sparse_k),
+                         checkpoints=tuple(args.checkpoints), checkpoint_dir=args.checkpoint_dir,
+                         train_images=args.train_images, batch_size=args.batch_size, lr=args.lr,
+                         jobs=args.jobs, force=args.force)
+    log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
+    results = analyze(cfg, log)
+    fam = results["families"]
+    print("  ".join(f"{f} {100 * s['accuracy_mean']:.2f}%" for f, s in fam.items()))
+    print(f"report written to {args.out / 'report.md'} ({results['seconds'] / 60:.1f} minutes)")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "analyze", help="compare resnet, se and stepnet: accuracy, NSI profiles, step size vs NSI",
+        description="Train (or take checkpoints of) resnet, se and stepnet at one depth over several "
+                    "seeds and write OUT/report.md with PNG figures and OUT/results.json: accuracy, "
+                    "parameters and FLOPs; per-block NSI profiles; step size against NSI; stage "
+                    "stiffness ratios; StepNet with adaptors only at the k stiffest blocks.")
+    p.add_argument("--dataset", help=f"{DATASET_HELP} (default digits, or that of --checkpoints)")
+    p.add_argument("--data-dir", type=Path, help="folder with the data set (cifar*, imagefolder)")
+    p.add_argument("--depth", type=int, help=f"network depth (default {DEFAULT_DEPTH})")
+    p.add_argument("--seeds", type=int, help=f"train seeds 0..N-1 (default {DEFAULT_SEEDS})")
+    p.add_argument("--epochs", type=int, help=f"epochs per model (default {DEFAULT_EPOCHS})")
+    p.add_argument("--sparse-k", default=DEFAULT_SPARSE_K,
+                   help="numbers of stiffest blocks that get an adaptor in the sparse comparison, "
+                        f"comma-separated, or none (default {DEFAULT_SPARSE_K})")
+    p.add_argument("--checkpoints", type=Path, nargs="+", default=[], metavar="CHECKPOINT",
+                   help="checkpoint folders of resnet, se and stepnet (same seeds, one recipe) to "
+                        "analyze instead of training them; sparse runs missing from them are "
+                        "trained with their recipe")
+    p.add_argument("--checkpoint-dir", type=Path,
+                   help="where the trained checkpoints go (default OUT/checkpoints)")
+    p.add_argument("--train-images", type=int,
+                   help="train on a fixed random subset of this many images (quick trials)")
+    p.add_argument("--batch-size", type=int, default=64, help="default 64")
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate (default 0.1)")
+    p.add_argument("--jobs", type=int,
+                   help="models trained at once, each in its own process with an equal share of the "
+                        "cores (default: one per CPU core)")
+    p.add_argument("--out", type=Path, required=True, help="folder for report.md, figures, results.json")
+    p.add_argument("--force", action="store_true", help="write into --out even if it is not empty")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(run=_cmd_analyze)

@@ -1,0 +1,276 @@
+"""OUT/report.md and its figures from the results of `stepnet analyze` (models/analysis.py).
+
+Every number in the report is formatted from the results dict, which is also written to
+OUT/results.json, so the two never disagree.
+"""
+
+from pathlib import Path
+
+from models import analysis_plots
+
+FIGURES = {"accuracy": "accuracy.png", "nsi": "nsi_profiles.png", "step_size": "step_size_profiles.png",
+           "scatter": "step_size_vs_nsi.png", "ratios": "stage_stiffness_ratios.png",
+           "sparse": "sparse_adaptors.png"}
+
+
+def percent(value: float, std: float | None = None) -> str:
+    """An accuracy as '97.50%', with ' ± 0.40' (points) when a standard deviation is known."""
+    return f"{100 * value:.2f}%" + ("" if std is None else f" ± {100 * std:.2f}")
+
+
+def number(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def rho(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.2f}"
+
+
+def figures(out: Path, results: dict, samples: dict) -> None:
+    """Draw the figures into `out`; samples: per family, per seed, the nsi and step_size arrays."""
+    analysis_plots.accuracy(results, out / FIGURES["accuracy"])
+    analysis_plots.profiles(results, "nsi", out / FIGURES["nsi"])
+    analysis_plots.profiles(results, "step_size", out / FIGURES["step_size"])
+    analysis_plots.step_size_vs_nsi(results, samples, out / FIGURES["scatter"])
+    analysis_plots.stage_ratios(results, out / FIGURES["ratios"])
+    analysis_plots.sparse(results, out / FIGURES["sparse"])
+
+
+def write(out: Path, results: dict) -> None:
+    (out / "report.md").write_text(markdown(results))
+
+
+def _command(r: dict) -> str:
+    if not all(run["trained_here"] for run in r["runs"]):
+        return "`stepnet analyze --checkpoints ...` (given checkpoints)"
+    k = ",".join(str(row["k"]) for row in r["sparse"][1:-1]) or "none"
+    extra = "".join(f" --{flag} {r[key]}" for flag, key, default in (
+        ("train-images", "train_images", None), ("batch-size", "batch_size", 64), ("lr", "lr", 0.1))
+        if r[key] != default and (key != "train_images" or r["train_subset"]))
+    return (f"`stepnet analyze --dataset {r['dataset']} --depth {r['depth']} --seeds {len(r['seeds'])} "
+            f"--epochs {r['epochs']} --sparse-k {k}{extra}`")
+
+
+def _versus(c: dict, other: str) -> str:
+    """A comparison of analysis.compare: '0.74 points below resnet (Welch's t-test over seeds:
+    p = 0.08, not significant at the 5% level)'."""
+    d = c["difference"]
+    where = "level with" if abs(d) < 1e-9 else f"{abs(d):.2f} points {'above' if d > 0 else 'below'}"
+    if c["p_value"] is None:
+        return f"{where} {other} (no test: one seed, or no spread)"
+    verdict = "significant" if c["p_value"] < 0.05 else "not significant"
+    return f"{where} {other} (Welch's t-test over seeds: p = {c['p_value']:.2f}, {verdict} at the 5% level)"
+
+
+def _range(values) -> str:
+    return f"{min(values):.2f} to {max(values):.2f}"
+
+
+def summary(r: dict) -> list[str]:
+    fam, defined = r["families"], [i for i, row in enumerate(r["layers"]) if row["nsi_defined"]]
+    ranked = sorted(fam, key=lambda f: -round(fam[f]["accuracy_mean"], 9))
+    lines = [f"Mean test accuracy over {len(r['seeds'])} seed(s): "
+             + ", ".join(f"{f} {percent(fam[f]['accuracy_mean'])}" for f in ranked)
+             + f"; one test image is {100 / r['test_images']:.2f} points."]
+    lines += [f"{c['a']} is {_versus(c, c['b'])}." for c in r["comparisons"]]
+    beaten = [f for f in ("resnet", "se")
+              if round(fam[f]["accuracy_mean"], 9) >= round(fam["stepnet"]["accuracy_mean"], 9)]
+    if beaten:
+        lines.append(f"**On this data set stepnet does not beat {' or '.join(beaten)}** with this recipe.")
+    for family in ("se", "stepnet"):
+        s = fam[family]
+        lines.append(f"{family}: the adaptor's step size h, averaged over channels, ranges from "
+                     f"{min(s['step_size_min']):.2f} to {max(s['step_size_max']):.2f} over all blocks "
+                     f"and test samples (block means {_range(s['step_size_mean'])}).")
+    for family in ("se", "stepnet"):
+        ratio = sum(fam[family]["nsi_mean"][i] / fam["resnet"]["nsi_mean"][i] for i in defined) / len(defined)
+        step = sum(fam[family]["step_size_mean"][i] for i in defined) / len(defined)
+        lines.append(f"{family}'s NSI is on average {ratio:.2f} times resnet's, block by block; with "
+                     f"a mean step of {step:.2f}, x_t - x_(t-1) = h ⊙ f_(t-1) is about {1 / step:.2f} "
+                     "times shorter for the same f, which explains most of the level: compare the "
+                     "shapes of the profiles, not their heights.")
+    for family in ("se", "stepnet"):
+        across = fam[family]["spearman_across_layers"]
+        if across is not None:
+            trend = ("no clear rank relation between a block's NSI and its mean step" if abs(across) < 0.3
+                     else f"blocks with higher NSI take {'smaller' if across < 0 else 'larger'} mean steps")
+            lines.append(f"{family}: {trend} (Spearman {rho(across)} across blocks; "
+                         f"{rho(fam[family]['spearman_within_layers'])} between samples within one block).")
+    per_stage = min(sum(1 for i in defined if r["layers"][i]["stage"] == stage)
+                    for stage in dict.fromkeys(row["stage"] for row in r["layers"]))
+    lines.append(f"Stage stiffness ratios range from "
+                 f"{_range([x['mean'] for s in fam.values() for x in s['stage_stiffness_ratio']])}"
+                 + (f"; with {per_stage} blocks with an NSI per stage at depth {r['depth']}, "
+                    f"a ratio compares only {per_stage} numbers." if per_stage < 4 else "."))
+    rows = r["sparse"]
+    lines.append("Sparse adaptors: " + ", ".join(f"{row['label']} {percent(row['accuracy_mean'])}"
+                                                  for row in rows) + ". "
+                 + " ".join(f"{row['label']} is {_versus(row['vs_none'], 'none')}." for row in rows[1:]))
+    return [f"- {line}" for line in lines]
+
+
+def markdown(r: dict) -> str:
+    fam, layers = r["families"], r["layers"]
+    stages = list(dict.fromkeys(row["stage"] for row in layers))
+    defined = [i for i, row in enumerate(layers) if row["nsi_defined"]]
+    minutes = r["seconds"] / 60
+    out = [
+        f"# Stiffness analysis: resnet, se and stepnet on {r['dataset']}",
+        "",
+        f"Generated by {_command(r)}: {minutes:.1f} minutes of wall time and "
+        f"{r['cpu_seconds'] / 60:.1f} CPU minutes on {r['cores']} cores, {r['jobs']} model(s) trained at "
+        f"once, with a load average of {r['load_average'][0]:.1f} at the start and "
+        f"{r['load_average'][1]:.1f} at the end (other work shared the machine where it exceeds "
+        f"{r['cores']}). Depth {r['depth']}, epochs {r['epochs']}, "
+        f"batch size {r['batch_size']}, peak learning rate {r['lr']}, "
+        f"seeds {', '.join(map(str, r['seeds']))}; "
+        f"{r['train_images']} training{' (a fixed random subset)' if r['train_subset'] else ''} and "
+        f"{r['test_images']} test images. Every number below is in `results.json` beside this file.",
+        "",
+        "NSI is the neural stiffness index of DESIGN.md section 1.1: per sample and block, "
+        "||f_t - f_{t-1}|| / ||x_t - x_{t-1}||, the secant estimate of the dominant Jacobian "
+        "eigenvalue; undefined for the first block of a stage. The step size h is the adaptor's "
+        "output averaged over channels (1 for resnet).",
+        "",
+        "## Summary",
+        "",
+        *summary(r),
+        "",
+        "## 1. Accuracy, parameters and FLOPs",
+        "",
+        "| family | test accuracy (mean ± std over seeds) | per seed | parameters | FLOPs per image |",
+        "|---|---|---|---|---|",
+        *(f"| {f} | {percent(s['accuracy_mean'], s['accuracy_std'])} | "
+          f"{', '.join(percent(a) for a in s['accuracy'])} | {s['params']:,} | {s['flops']:,} |"
+          for f, s in fam.items()),
+        "",
+        *(f"- {c['a']} is {_versus(c, c['b'])}." for c in r["comparisons"]),
+        "",
+        f"With {len(r['seeds'])} seed(s) and {r['test_images']} test images these tests have little "
+        "power, and their p-values are not corrected for the several comparisons of this report.",
+        "",
+        "FLOPs are those of one forward pass of one image as `torch.utils.flop_counter.FlopCounterMode` "
+        "counts them: 2 per multiply-add of convolutions and matrix products; element-wise work "
+        "(the stiffness norms, sigmoids) is not counted.",
+        "",
+        f"![Test accuracy per family]({FIGURES['accuracy']})",
+        "",
+        "## 2. NSI profiles",
+        "",
+        "Mean NSI per block over test samples and seeds, with [min, max] over the test samples of all seeds.",
+        "",
+        "The level of NSI depends on the step size: x_t - x_(t-1) = h_(t-1) ⊙ f_(t-1), so a family that "
+        "takes steps of about h gets an NSI about 1/h times resnet's for the same residual branches. "
+        "The shape of a profile (which blocks are stiffer than their neighbours) is what compares "
+        "across families.",
+        "",
+        "| block | " + " | ".join(fam) + " |",
+        "|---|" + "---|" * len(fam),
+        *(f"| {layers[i]['name']} | " + " | ".join(
+            f"{number(s['nsi_mean'][i])} [{number(s['nsi_min'][i])}, {number(s['nsi_max'][i])}]"
+            for s in fam.values()) + " |" for i in defined),
+        "",
+        f"![NSI profiles, one panel per stage]({FIGURES['nsi']})",
+        "",
+        f"![Step size profiles, one panel per stage]({FIGURES['step_size']})",
+        "",
+        "## 3. Step size against NSI",
+        "",
+        "Does the adaptor shrink the step where the network is stiff? *Across blocks*: Spearman rank "
+        "correlation of the per-block mean step size with the per-block mean NSI (one point per block "
+        f"and seed, n = {len(defined) * len(r['seeds'])}). *Within blocks*: the correlation between "
+        "the test samples of one block, averaged over blocks and seeds. Negative means smaller steps "
+        "where NSI is higher. resnet's h = 1 has no correlation.",
+        "",
+        "| family | Spearman across blocks | Spearman within blocks | mean step size (blocks with NSI) |",
+        "|---|---|---|---|",
+        *(f"| {f} | {rho(s['spearman_across_layers'])} | {rho(s['spearman_within_layers'])} | "
+          f"{sum(s['step_size_mean'][i] for i in defined) / len(defined):.3f} |" for f, s in fam.items()),
+        "",
+        f"![Step size against NSI per family]({FIGURES['scatter']})",
+        "",
+        "## 4. Stage stiffness ratios",
+        "",
+        "max NSI / min NSI over the blocks of a stage where NSI is defined (DESIGN.md 1.1), per test "
+        "sample; the median over samples, then mean ± std over seeds.",
+        "",
+        "| family | " + " | ".join(f"stage {s}" for s in stages) + " |",
+        "|---|" + "---|" * len(stages),
+        *(f"| {f} | " + " | ".join(
+            f"{x['mean']:.2f}" + ("" if x["std"] is None else f" ± {x['std']:.2f}")
+            for x in s["stage_stiffness_ratio"]) + " |" for f, s in fam.items()),
+        "",
+        f"![Stage stiffness ratios]({FIGURES['ratios']})",
+        "",
+        "## 5. Sparse adaptors",
+        "",
+        "StepNet with an adaptor only at the k blocks of highest *reference NSI*: resnet's mean NSI on "
+        f"{r['reference_images']} training images, averaged over seeds: the network the adaptors are "
+        "added to, measured on training images so that the choice of blocks never sees the test "
+        "split. Blocks without an adaptor take h = 1, so *none* is exactly resnet and *all* is "
+        "stepnet (the same runs as in section 1).",
+        "",
+        "| block | reference NSI | rank |",
+        "|---|---|---|",
+        *(f"| {layers[i]['name']} | {number(r['reference_nsi'][i])} | {rank} |" for rank, i in enumerate(
+            sorted(defined, key=lambda i: -r["reference_nsi"][i]), start=1)),
+        "",
+        "| adaptors | blocks | test accuracy (mean ± std) | per seed | parameters | FLOPs per image |",
+        "|---|---|---|---|---|---|",
+        *(f"| {row['label']} | {_blocks(row, len(layers))} | "
+          f"{percent(row['accuracy_mean'], row['accuracy_std'])} | "
+          f"{', '.join(percent(a) for a in row['accuracy'])} | {row['params']:,} | {row['flops']:,} |"
+          for row in r["sparse"]),
+        "",
+        f"![Sparse adaptors]({FIGURES['sparse']})",
+        "",
+        *_cost(r),
+        "## Runs",
+        "",
+        "Each model once; `results.json` names its checkpoint folder.",
+        "",
+        "| run | test accuracy | training seconds |",
+        "|---|---|---|",
+        *(f"| {run['name']} | {percent(run['accuracy'])} | {number(run['train_seconds'], 4)} |"
+          for run in r["runs"]),
+        "",
+    ]
+    return "\n".join(out)
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.0f} days"
+    return f"{seconds / 3600:.1f} hours" if seconds >= 3600 else f"{seconds / 60:.0f} minutes"
+
+
+def _cost(r: dict) -> list[str]:
+    """The CIFAR estimate of analysis.cifar_estimate, where the results have one."""
+    est = r.get("cifar_estimate")
+    if est is None:
+        return []
+    runs, cores = len(r["runs"]), r["cores"]
+    return [
+        "## What the same analysis costs on CIFAR-10/100 (estimate)",
+        "",
+        f"Not measured: scaled from this run by the images one epoch processes (CIFAR: 50,000 "
+        f"training and 10,000 test images; here {r['train_images']} and {r['test_images']}; a test "
+        f"image, forward pass only, counted as a third of a training image), a factor of "
+        f"{est['scale']:.0f}. Same depth, recipe and {runs} models; training runs on the CPU.",
+        "",
+        f"- One epoch of one depth-{r['depth']} model: about {_duration(est['model_epoch_cpu_seconds'])} "
+        "of CPU time (one core).",
+        f"- The whole analysis with these defaults ({runs} models x {r['epochs']} epochs): about "
+        f"{_duration(est['idle_seconds'])} on {cores} idle cores (CPU time / {cores}); "
+        f"{_duration(est['wall_seconds'])} at the wall-clock pace of this run.",
+        f"- {r['epochs']} epochs are far too few for CIFAR: the original ResNet CIFAR schedule runs "
+        f"about 180 epochs, and the cost grows linearly with epochs: about "
+        f"{_duration(est['idle_seconds'] * 180 / r['epochs'])} on {cores} cores.",
+        "",
+    ]
+
+
+def _blocks(row: dict, total: int) -> str:
+    if row["k"] in (0, total):
+        return "none" if row["k"] == 0 else "all"
+    return ", ".join(row["blocks"])
