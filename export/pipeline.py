@@ -133,7 +133,7 @@ def export_checkpoint(checkpoint_dir: str | Path, repository: str | Path, name: 
         graph_proto.producer_name = "stepnet export"
         graph_proto.producer_version = meta["exporter_version"]
         graph_proto.doc_string = (f"{name} version {version}: {model.cfg.family}-{model.cfg.depth} "
-                                  f"(StepNet), {file}")
+                                  f"(StepNet)" + ("" if file == metadata.MODEL_FILE else f", {file}"))
         onnx.helper.set_model_props(graph_proto,
                                     {metadata.METADATA_KEY: json.dumps(meta, allow_nan=False)})
     target = write_version(repository, name, version,

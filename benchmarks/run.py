@@ -1,0 +1,187 @@
+"""One benchmark run: settings, the parts in order, the targets of issue 6, and the files written.
+
+    RESULTS/<machine>-<date>.json       every number, the machine, versions, settings, load average
+    RESULTS/<machine>-<date>.md         the tables and the targets, met or missed
+    RESULTS/<machine>-<date>-*.png      plots
+"""
+
+import datetime
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from benchmarks import machine
+from benchmarks.timing import Budget
+
+log = logging.getLogger("benchmarks")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    mode: str
+    batches: tuple[int, ...]
+    model_budget: Budget             # each (model, runtime, batch) measurement
+    diagnostics_batches: tuple[int, ...]
+    diagnostics_budget: Budget
+    concurrencies: tuple[int, ...]
+    load_seconds: float              # per concurrency level
+    load_min_requests: int
+    load_max_requests: int
+    raw_budget: Budget
+
+    @classmethod
+    def full(cls) -> "BenchSettings":
+        return cls("full", (1, 8, 32), Budget(warmup=1, seconds=5.0, min_reps=2, max_reps=40),
+                   (1, 8), Budget(warmup=1, seconds=6.0, min_reps=3, max_reps=60),
+                   (1, 4, 16), 15.0, 16, 2000, Budget(warmup=1, seconds=5.0, min_reps=3, max_reps=60))
+
+    @classmethod
+    def quick(cls) -> "BenchSettings":
+        return cls("quick", (1, 8), Budget(warmup=1, seconds=0.2, min_reps=2, max_reps=5),
+                   (1,), Budget(warmup=1, seconds=0.2, min_reps=2, max_reps=5),
+                   (1, 4), 1.0, 8, 40, Budget(warmup=1, seconds=0.2, min_reps=2, max_reps=5))
+
+
+# (key, description, model, how to read the figure, limit, higher is better)
+TARGETS = (
+    ("ort_fp32_vs_torch_b1", "ONNX Runtime fp32 latency / PyTorch eager latency, batch 1",
+     "stepnet50", 0.6, False),
+    ("int8_vs_fp32_throughput_b8", "int8 throughput / fp32 throughput, batch 8", "stepnet50",
+     2.0, True),
+    ("int8_top1_agreement", "int8 top-1 agreement with fp32, digits test split", "digits",
+     0.99, True),
+    ("int8_accuracy_drop_points", "fp32 top-1 minus int8 top-1 (points), digits test split",
+     "digits", 0.5, False),
+    ("diagnostics_cost_b1", "latency with diagnostics outputs / without - 1, batch 1",
+     "stepnet50", 0.05, False),
+    ("service_vs_raw_throughput_c4", "service throughput / raw session.run throughput, "
+     "concurrency 4", "stepnet50", 0.85, True),
+    ("service_p50_minus_raw_c1_ms", "service p50 - raw session.run p50 (ms), concurrency 1",
+     "stepnet50", 3.0, False),
+)
+
+
+def _figure(key: str, model: str, results: dict) -> float | None:
+    try:
+        if key == "ort_fp32_vs_torch_b1":
+            row = results["model"][model]["batches"]["1"]
+            return row["ort_fp32"]["p50_ms"] / row["torch_eager"]["p50_ms"]
+        if key == "int8_vs_fp32_throughput_b8":
+            row = results["model"][model]["batches"]["8"]
+            return row["ort_int8"]["throughput"] / row["ort_fp32"]["throughput"]
+        if key == "int8_top1_agreement":
+            return results["int8_quality"]["top1_agreement"]
+        if key == "int8_accuracy_drop_points":
+            return -results["int8_quality"]["accuracy_change_points"]
+        if key == "diagnostics_cost_b1":
+            return results["diagnostics"][model]["batches"]["1"]["cost"]
+        if key == "service_vs_raw_throughput_c4":
+            return results["service"][model]["load"]["4"]["throughput_vs_raw"]
+        if key == "service_p50_minus_raw_c1_ms":
+            return results["service"][model]["load"]["1"]["p50_minus_raw_p50_ms"]
+    except KeyError:
+        return None
+    raise ValueError(key)
+
+
+def targets(results: dict) -> list[dict]:
+    rows = []
+    for key, what, model, limit, higher in TARGETS:
+        value = _figure(key, model, results)
+        met = None if value is None else (value >= limit if higher else value <= limit)
+        rows.append({"key": key, "what": what, "model": model, "value": value,
+                     "limit": f"{'>=' if higher else '<='} {limit}", "met": met})
+    return rows
+
+
+def wait_for_quiet(limit: float, max_wait_s: float = 1200.0, poll_s: float = 30.0) -> dict:
+    """Wait until the 1-minute load average is below `limit` (other work skews the timings)."""
+    started = time.monotonic()
+    while os.getloadavg()[0] >= limit and time.monotonic() - started < max_wait_s:
+        log.info("load average %.2f >= %.2f: waiting", os.getloadavg()[0], limit)
+        time.sleep(poll_s)
+    return {"limit": limit, "waited_s": round(time.monotonic() - started, 1),
+            "reached": os.getloadavg()[0] < limit}
+
+
+def run(settings: BenchSettings, models: tuple[str, ...], parts: tuple[str, ...], out_dir: Path,
+        wait_load: float = 0.0) -> list[Path]:
+    """Measure, write the results and return the paths written."""
+    from benchmarks import models as model_bench, report, service
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("stepnet bench: %(message)s"))
+    for name in ("benchmarks", "export"):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
+    try:
+        waited = wait_for_quiet(wait_load) if wait_load else None
+        threads = machine.cores()
+        started, load_start = time.time(), machine.load_average()
+        results = {"machine": machine.describe(), "started": datetime.datetime.now().isoformat(
+            timespec="seconds"), "settings": {**asdict(settings), "threads": threads,
+                                              "models": list(models), "parts": list(parts)},
+                   "load_average_start": load_start, "quiet_wait": waited,
+                   "model": {}, "diagnostics": {}, "profiles": {}, "service": {}}
+        benches = {}
+        for name in models:
+            benches[name] = getattr(model_bench, name)()
+        for name, bench in benches.items():
+            if "model" in parts:
+                results["model"][name] = model_bench.model_level(bench, settings.batches,
+                                                                 settings.model_budget, threads)
+                if settings.mode == "full":
+                    results["profiles"][name] = {
+                        variant: model_bench.profile_ops(proto, bench.input_shape, 8, threads)
+                        for variant, proto in bench.graphs.items()}
+            if "diagnostics" in parts:
+                results["diagnostics"][name] = model_bench.diagnostics_cost(
+                    bench, settings.diagnostics_batches, settings.diagnostics_budget, threads)
+        if "model" in parts and "digits" in models:
+            results["int8_quality"] = model_bench.int8_quality(benches["digits"])
+        if "service" in parts:
+            with tempfile.TemporaryDirectory(prefix="stepnet-bench-") as tmp:
+                tmp = Path(tmp)
+                for name, bench in benches.items():
+                    version = (service.digits_version(tmp / "repo-digits") if name == "digits"
+                               else service.stepnet50_version(tmp / "repo-stepnet50", bench))
+                    results["service"][name] = service.service_level(
+                        name, version, settings.concurrencies, settings.load_seconds,
+                        settings.load_min_requests, settings.load_max_requests,
+                        settings.raw_budget, threads, tmp)
+        results["gpu"] = _gpu_part(results["machine"]["gpu"]) if "gpu" in parts else None
+        results["targets"] = targets(results)
+        results["load_average_end"] = machine.load_average()
+        results["seconds"] = round(time.time() - started, 1)
+        return _write(results, out_dir, report)
+    finally:
+        for name in ("benchmarks", "export"):
+            logging.getLogger(name).removeHandler(handler)
+
+
+def _gpu_part(gpu: dict) -> dict:
+    if not gpu["present"]:
+        message = f"GPU part skipped: {gpu['reason']}"
+    else:
+        message = (f"GPU part skipped: GPU(s) present ({', '.join(gpu['devices'])}), but this "
+                   f"version of the benchmark measures the CPU only")
+    log.info(message)
+    return {"skipped": True, "message": message}
+
+
+def _write(results: dict, out_dir: Path, report) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{machine.slug()}-{datetime.date.today().isoformat()}"
+    if results["settings"]["mode"] == "quick":
+        stem += "-quick"
+    json_path = out_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+    plots = report.plots(results, out_dir, stem)
+    md_path = out_dir / f"{stem}.md"
+    md_path.write_text(report.markdown(results, [p.name for p in plots]))
+    return [json_path, md_path, *plots]

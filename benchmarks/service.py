@@ -1,0 +1,258 @@
+"""Service level: a real `stepnet serve` process on a loopback port, a bounded load from a small
+asyncio httpx client at several concurrencies (JPEG and PNG uploads in turn, multipart as a
+browser sends them), and in the same run the raw `session.run` figures on the same images,
+pre-processed by the service's own code, so that the serving overhead is a ratio.
+
+The raw session is made as the service makes it (service.runtime.Session) and measured before
+the server starts, so that the two never share the cores.
+"""
+
+import asyncio
+import io
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from benchmarks.models import DIGITS_VERSION, BenchModel, session
+from benchmarks.timing import Budget, measure, stats
+from export import calibration, metadata
+from export.repository import write_version
+from models import data
+from service.metadata import read_metadata
+from service.preprocess import Preprocessor
+
+log = logging.getLogger(__name__)
+MAX_BATCH_SIZE = 8        # the service's default STEPNET_MAX_BATCH_SIZE
+MAX_PIXELS = 40_000_000
+
+
+def stepnet50_version(root: Path, bench: BenchModel) -> Path:
+    """A repository version for the random-weight StepNet-50: ImageNet preprocessing, a profile
+    from random inputs, and verification marked as the export tests' (the graph comes from the
+    export's builder; there is no checkpoint to verify random weights against)."""
+    model = bench.model
+    proto = bench.graphs["fp32"]
+    images = np.random.default_rng(4).standard_normal((4, 3, 224, 224), dtype=np.float32)
+    sess = session(proto, os.cpu_count() or 1)
+    _, step_size, nsi = sess.run(images)
+    layers = model.layers()
+    meta = metadata.build(
+        name="stepnet50", version=1,
+        model_cfg={"family": "stepnet", "depth": 50, "in_channels": 3, "input_size": 224},
+        data={"classes": [f"class{i}" for i in range(model.cfg.num_classes)], "colour_mode": "RGB",
+              "resize": 256, "input_size": 224, "mean": list(data.IMAGENET_MEAN),
+              "std": list(data.IMAGENET_STD)},
+        layers=layers, profile=calibration.profile(step_size, nsi, layers, "random"),
+        checkpoint_sha256="random weights (benchmark)", opset=graph_opset(proto),
+        accuracy={"dataset": "none", "split": "none", "top1": 0.0, "samples": 0},
+        verification={"passed": True, "note": "benchmark model with random weights: the graph "
+                                              "builder is verified by the export and its tests"})
+    return write_version(root, "stepnet50", 1, {metadata.MODEL_FILE: proto.SerializeToString()}, meta)
+
+
+def graph_opset(proto) -> int:
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def digits_version(root: Path) -> Path:
+    """A copy of the committed default model version (model.onnx + model.json)."""
+    target = root / DIGITS_VERSION.parent.name / DIGITS_VERSION.name
+    target.mkdir(parents=True)
+    for file in (metadata.MODEL_FILE, metadata.METADATA_FILE):
+        shutil.copy2(DIGITS_VERSION / file, target / file)
+    return target
+
+
+def images(name: str, count: int = 8) -> list[tuple[str, bytes, str]]:
+    """Uploads as a client sends them: (file name, bytes, content type), JPEG and PNG in turn.
+    StepNet-50: 500x375 RGB photo-like images (ImageNet's typical size); digits: real test
+    digits scaled up to 64x64."""
+    rng = np.random.default_rng(5)
+    out = []
+    for i in range(count):
+        if name == "digits":
+            test_x, _ = data.digits_split("test")
+            image = Image.fromarray(test_x[i]).resize((64, 64), Image.Resampling.BILINEAR)
+        else:
+            yy, xx = np.mgrid[0:375, 0:500] / 100.0
+            base = np.stack([np.sin(xx * (1 + c) + rng.uniform(0, 6)) * np.cos(yy * (2 - c / 2))
+                             for c in range(3)], axis=-1)
+            pixels = (127 + 100 * base + rng.normal(0, 12, base.shape)).clip(0, 255)
+            image = Image.fromarray(pixels.astype(np.uint8), "RGB")
+        buffer = io.BytesIO()
+        kind = "JPEG" if i % 2 == 0 else "PNG"
+        image.save(buffer, kind, **({"quality": 90} if kind == "JPEG" else {}))
+        out.append((f"image{i}.{kind.lower()}", buffer.getvalue(), f"image/{kind.lower()}"))
+    return out
+
+
+class Raw:
+    """session.run on the uploads as the service pre-processes them, in a session made as the
+    service makes it: the baseline that the served figures are divided by."""
+
+    def __init__(self, version: Path, uploads: list, threads: int):
+        import onnx
+
+        self.prep = Preprocessor(read_metadata(version).preprocessing, MAX_PIXELS)
+        self.uploads = uploads
+        self.tensors = np.stack([self.prep(body) for _, body, _ in uploads])
+        self.session = session(onnx.load(str(version / metadata.MODEL_FILE)), threads)
+
+    def preprocess(self, budget: Budget) -> dict:
+        """The service's decode + resize + normalize, per upload format."""
+        out = {}
+        for kind in ("jpeg", "png"):
+            bodies = [body for name, body, _ in self.uploads if name.endswith(kind)]
+            out[kind] = measure(lambda: [self.prep(b) for b in bodies], budget, len(bodies))
+            out[kind]["per_image_ms"] = out[kind]["p50_ms"] / len(bodies)
+        return out
+
+    def run(self, batch: int, budget: Budget) -> dict:
+        x = np.ascontiguousarray(np.resize(self.tensors, (batch, *self.tensors.shape[1:])))
+        return measure(lambda: self.session.run(x), budget, batch)
+
+
+def _batches(url: str) -> tuple[float, float]:
+    """The service's own batch-size histogram: (sum, count) over all models."""
+    total = count = 0.0
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("stepnet_batch_size_sum{"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("stepnet_batch_size_count{"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`stepnet serve` in a child process, with the service's default settings."""
+
+    def __init__(self, repository: Path, log_path: Path, env: dict | None = None):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_file = open(log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "stepnet.cli", "serve", "--model-repository", str(repository),
+             "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=self.log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"stepnet serve exited with code {self.process.returncode}; "
+                                   f"see {self.log_file.name}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"stepnet serve was not ready after {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log_file.close()
+
+
+async def _load(url: str, uploads: list, concurrency: int, seconds: float, min_requests: int,
+                max_requests: int) -> dict:
+    """Closed-loop load: `concurrency` clients, each sending its next request when the last one
+    is answered, until `seconds` have passed and at least `min_requests` were sent."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        async def post(i):
+            name, body, kind = uploads[i % len(uploads)]
+            t0 = time.perf_counter()
+            response = await client.post("/predict", files={"file": (name, body, kind)})
+            return time.perf_counter() - t0, response
+
+        await asyncio.gather(*(post(i) for i in range(concurrency)))     # warm-up, not counted
+        latencies, errors, sent, timing = [], 0, 0, []
+        started = time.perf_counter()
+
+        async def worker():
+            nonlocal errors, sent
+            while sent < max_requests and (sent < min_requests
+                                           or time.perf_counter() - started < seconds):
+                i, sent = sent, sent + 1
+                latency, response = await post(i)
+                if response.status_code == 200:
+                    latencies.append(latency)
+                    timing.append(response.json()["timing_ms"])
+                else:
+                    errors += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    result = stats(latencies) if latencies else {}
+    result.update({"requests": len(latencies), "errors": errors, "seconds": elapsed,
+                   "throughput": len(latencies) / elapsed})
+    if timing:    # the service's own account of each request (PredictResponse.timing_ms)
+        result["server_timing_p50_ms"] = {k: float(np.median([t[k] for t in timing]))
+                                          for k in timing[0]}
+    return result
+
+
+def service_level(name: str, version: Path, concurrencies: tuple[int, ...], seconds: float,
+                  min_requests: int, max_requests: int, raw_budget: Budget, threads: int,
+                  work: Path) -> dict:
+    """Per concurrency: raw session.run at the batch size that concurrency allows (the server
+    idle meanwhile), then the served model under load, so that each ratio compares figures taken
+    a few seconds apart; and the service's mean batch size during each load."""
+    uploads = images(name)
+    baseline = Raw(version, uploads, threads)
+    result = {"uploads": {n: len(b) for n, b, _ in uploads},
+              "raw": {"preprocess": baseline.preprocess(raw_budget), "batches": {}}, "load": {}}
+    server = Server(version.parent.parent, work / f"serve-{name}.log")
+    try:
+        server.wait_ready()
+        if 1 not in concurrencies:
+            result["raw"]["batches"]["1"] = baseline.run(1, raw_budget)
+        for c in concurrencies:
+            batch = min(c, MAX_BATCH_SIZE)
+            result["raw"]["batches"][str(batch)] = baseline.run(batch, raw_budget)
+            before = _batches(server.url)
+            result["load"][str(c)] = asyncio.run(
+                _load(server.url, uploads, c, seconds, max(min_requests, 2 * c), max_requests))
+            after = _batches(server.url)
+            row = result["load"][str(c)]
+            row["mean_batch_size"] = ((after[0] - before[0]) / (after[1] - before[1])
+                                      if after[1] > before[1] else None)
+            log.info("%s service concurrency %d: %.2f req/s, p50 %.1f ms (%d requests, %d errors)",
+                     name, c, row["throughput"], row.get("p50_ms", float("nan")), row["requests"],
+                     row["errors"])
+    finally:
+        server.stop()
+    raw_b1 = result["raw"]["batches"]["1"]
+    for c, row in result["load"].items():
+        batch = str(min(int(c), MAX_BATCH_SIZE))
+        row["raw_batch"] = int(batch)
+        row["throughput_vs_raw"] = row["throughput"] / result["raw"]["batches"][batch]["throughput"]
+        if "p50_ms" in row:
+            row["p50_minus_raw_p50_ms"] = row["p50_ms"] - raw_b1["p50_ms"]
+    result["settings"] = {"max_batch_size": MAX_BATCH_SIZE, "server": "stepnet serve, default "
+                          "settings (STEPNET_* unset)", "client": "httpx.AsyncClient, closed loop, "
+                          "multipart uploads, JPEG and PNG in turn"}
+    return result
