@@ -162,6 +162,8 @@ class Repository:
 
     async def _load(self, name: str, version: int, signature: tuple) -> bool:
         versions = self._models[name]
+        for counter in (self.metrics.loads, self.metrics.load_failures):
+            counter.labels(name)               # exported as 0 from the first load on, not absent
         state = VersionState(name, version, self.root / name / str(version), signature)
         replaced = versions.get(version)
         if replaced is None or replaced.state != READY:

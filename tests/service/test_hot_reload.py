@@ -94,6 +94,7 @@ def test_versions_swap_under_load_and_broken_ones_are_refused(start_server, relo
     failures = {"name": "stepnet_model_load_failures_total", "model": MODEL}
     with Stream(server.url, digit_png) as stream:
         stream.wait_for(lambda: len(stream.results) >= 10, "traffic on version 1")
+        assert metric(server.url, **failures) == 0          # exported before any refusal
 
         publish_version(default_model, reload_repository, MODEL, 2)
         stream.wait_for(lambda: 2 in stream.versions()[-3:], "responses from version 2")
