@@ -26,7 +26,7 @@ from benchmarks.timing import Budget, measure, measure_interleaved
 from export import calibration, graph, metadata, runtime, variants
 from models import checkpoint, data
 from models.net import StepNet, build
-from service.runtime import Device, Session
+from service.runtime import Device, Session, session_options
 
 log = logging.getLogger(__name__)
 CPU = Device("cpu", "benchmark")
@@ -171,29 +171,24 @@ def profile_ops(proto: onnx.ModelProto, input_shape: tuple[int, ...], batch: int
                 runs: int = 2, top: int = 10) -> dict:
     """ONNX Runtime's profiler: kernel time per op type over `runs` runs after one warm-up."""
     with tempfile.TemporaryDirectory(prefix="stepnet-profile-") as tmp:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3
-        s = ort.InferenceSession(proto.SerializeToString(), options,
-                                 providers=["CPUExecutionProvider"])
-        x = np.random.default_rng(3).standard_normal((batch, *input_shape), dtype=np.float32)
-        s.run(None, {metadata.INPUT: x})
+        options = session_options(threads)     # as the service makes its CPU sessions
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "ort")
         s = ort.InferenceSession(proto.SerializeToString(), options,
                                  providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(3).standard_normal((batch, *input_shape), dtype=np.float32)
         for _ in range(runs + 1):
             s.run(None, {metadata.INPUT: x})
         events = json.loads(Path(s.end_profiling()).read_text())
-    per_op, runs_seen = Counter(), []
+    model_runs = sorted((e["ts"], e["dur"]) for e in events
+                        if e.get("cat") == "Session" and e["name"] == "model_run")
+    warm_end = model_runs[0][0] + model_runs[0][1]     # the first run is the warm-up
+    per_op = Counter()
     for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+        if (event.get("cat") == "Node" and event["name"].endswith("_kernel_time")
+                and event["ts"] >= warm_end):
             per_op[event["args"]["op_name"]] += event["dur"]
-        elif event.get("cat") == "Session" and event["name"] == "model_run":
-            runs_seen.append(event["dur"])
-    timed = runs_seen[1:] or runs_seen           # the first profiled run is a second warm-up
+    timed = [dur for _, dur in model_runs[1:]]
     total = sum(per_op.values())
     return {"batch": batch, "runs": len(timed), "run_ms": float(np.median(timed)) / 1e3,
             "ops": [{"op": op, "share": us / total} for op, us in per_op.most_common(top)]}

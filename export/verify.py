@@ -18,7 +18,7 @@ import torch
 from onnx.reference import ReferenceEvaluator
 
 from export import runtime
-from export.metadata import INPUT, OUTPUTS
+from export.metadata import INPUT
 from models.net import StepNet
 
 MIN_SAMPLES = 64

@@ -81,7 +81,7 @@ class Session:
         return binding.copy_outputs_to_cpu()
 
 
-def _options(intra_op_threads: int | None) -> ort.SessionOptions:
+def session_options(intra_op_threads: int | None) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -99,7 +99,7 @@ def _create(model: bytes, device: Device, intra_op_threads: int, label: str) -> 
     if device.kind == "cuda":
         cuda_options = {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": True}
         try:
-            session = ort.InferenceSession(model, _options(None),
+            session = ort.InferenceSession(model, session_options(None),
                                            providers=[(CUDA, cuda_options), CPU])
         except Exception as exc:
             raise ModelLoadError(f"{label}: onnxruntime cannot load the model: {exc}") from None
@@ -112,7 +112,7 @@ def _create(model: bytes, device: Device, intra_op_threads: int, label: str) -> 
         log.warning("%s: the CUDA provider did not load (see the onnxruntime message above); "
                     "falling back to the CPU", label)
     try:
-        session = ort.InferenceSession(model, _options(intra_op_threads), providers=[CPU])
+        session = ort.InferenceSession(model, session_options(intra_op_threads), providers=[CPU])
     except Exception as exc:
         raise ModelLoadError(f"{label}: onnxruntime cannot load the model: {exc}") from None
     log.info("%s: %s with %d intra-op threads (%s)", label, CPU, intra_op_threads, device.reason)

@@ -5,7 +5,6 @@ import base64
 import json
 import struct
 
-import httpx
 import numpy as np
 import pytest
 
