@@ -100,7 +100,8 @@ def make_adaptor(family: str, channels: int, reduction: int) -> nn.Module:
 # ---------------------------------------------------------------- the step (DESIGN 1.4: one node when exported)
 
 def _step_stats(h):
-    return torch.stack([h.mean(1), h.amin(1), h.amax(1)], dim=1)   # (B, 3): mean, min, max over channels
+    # (B, 3): mean, min, max over channels; keepdim + cat rather than stack: 3 fewer graph nodes
+    return torch.cat([h.mean(1, keepdim=True), h.amin(1, keepdim=True), h.amax(1, keepdim=True)], 1)
 
 
 class Step(nn.Module):
@@ -111,10 +112,10 @@ class Step(nn.Module):
         self.adaptor = adaptor
 
     def forward(self, x, f, x_prev, f_prev):
-        s = stiffness.channel_stiffness(x, x_prev, f, f_prev) if self.adaptor.uses_stiffness else None
-        h = self.adaptor(f, s)                                     # (B, C)
+        s, nsi = stiffness.estimates(x, x_prev, f, f_prev)
+        h = self.adaptor(f, s if self.adaptor.uses_stiffness else None)     # (B, C)
         x_next = x + h[:, :, None, None] * f
-        return x_next, _step_stats(h), stiffness.nsi(x, x_prev, f, f_prev)
+        return x_next, _step_stats(h), nsi
 
 
 class FirstStep(Step):

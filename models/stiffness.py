@@ -9,20 +9,19 @@ import torch
 EPS = 1e-6
 
 
-def nsi(x: torch.Tensor, x_prev: torch.Tensor, f: torch.Tensor, f_prev: torch.Tensor,
-        eps: float = EPS) -> torch.Tensor:
-    """Neural stiffness index ||f_t - f_{t-1}|| / (||x_t - x_{t-1}|| + eps), per sample: (B,)."""
-    num = (f - f_prev).flatten(1).norm(dim=1)
-    den = (x - x_prev).flatten(1).norm(dim=1)
-    return num / (den + eps)
+def estimates(x: torch.Tensor, x_prev: torch.Tensor, f: torch.Tensor, f_prev: torch.Tensor,
+              eps: float = EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel stiffness s_{t,c} (B, C) and neural stiffness index NSI_t (B,), per sample.
 
-
-def channel_stiffness(x: torch.Tensor, x_prev: torch.Tensor, f: torch.Tensor, f_prev: torch.Tensor,
-                      eps: float = EPS) -> torch.Tensor:
-    """Channel stiffness s_{t,c}: the same ratio over the spatial elements of each channel: (B, C)."""
-    num = (f - f_prev).flatten(2).norm(dim=2)
+    s_{t,c} = ||f_{t,c} - f_{t-1,c}|| / (||x_{t,c} - x_{t-1,c}|| + eps), norms over the spatial
+    elements of one channel; NSI_t = ||f_t - f_{t-1}|| / (||x_t - x_{t-1}|| + eps), norms over all
+    elements of the sample. A sample's norm is the norm of its channels' norms
+    (||D|| = sqrt(sum_c ||D_c||^2)), so NSI reuses the channel norms and both differences are read
+    once: the diagnostics then cost no extra pass over the feature maps.
+    """
+    num = (f - f_prev).flatten(2).norm(dim=2)        # (B, C)
     den = (x - x_prev).flatten(2).norm(dim=2)
-    return num / (den + eps)
+    return num / (den + eps), num.norm(dim=1) / (den.norm(dim=1) + eps)
 
 
 def stage_stiffness_ratio(nsi: torch.Tensor, stages: list[int]) -> torch.Tensor:
