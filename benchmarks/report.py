@@ -114,10 +114,42 @@ def markdown(results: dict, plots: list[str]) -> str:
                 lines.append(f"- {MODEL_NAMES.get(name, name)} {variant} "
                              f"({prof['run_ms']:.0f} ms per run): {ops}")
     if results.get("gpu"):
-        lines += ["", "## GPU", "", results["gpu"]["message"] + "."]
+        lines += ["", "## GPU", "", results["gpu"]["message"] + "."] + _gpu(results["gpu"])
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _gpu(part: dict) -> list[str]:
+    """Per model: ORT fp32 / fp16 with IO binding against PyTorch eager, and fp16 parity."""
+    lines = []
+    for name, result in part.get("models", {}).items():
+        lines += ["", f"### {MODEL_NAMES.get(name, name)}", ""]
+        if "error" in result:
+            lines.append(f"Failed: {result['error']}")
+            continue
+        torch_key = result["torch"]
+        rows = []
+        for batch, row in result["batches"].items():
+            fp16, eager = row["ort_fp16"], row[torch_key]
+            rows.append([batch, _ms(row["ort_fp32"]["p50_ms"]), _ms(fp16["p50_ms"]),
+                         _ms(eager["p50_ms"]), f"{fp16['throughput']:.0f}",
+                         f"{fp16['p50_ms'] / eager['p50_ms']:.2f}",
+                         f"{row['ort_fp32']['p50_ms'] / fp16['p50_ms']:.2f}"])
+        label = torch_key.removeprefix("torch_")
+        lines += _table(["batch", "ORT fp32 p50 ms", "ORT fp16 p50 ms",
+                         f"PyTorch {label} channels_last p50 ms", "ORT fp16 items/s",
+                         "ORT fp16 / PyTorch (latency)", "fp32 / fp16 (latency)"], rows)
+        par = result["fp16_parity"]
+        top1 = (f"; top-1 fp32 {par['fp32_top1']:.4f}, fp16 {par['fp16_top1']:.4f}"
+                if "fp16_top1" in par else "")
+        lines += ["", f"Provider {result['provider']}. fp16 against fp32 on the same device, "
+                      f"{par['samples']} images: top-1 agreement {100 * par['top1_agreement']:.2f}%"
+                      f"{top1}; max abs diff logits {par['logits_max_abs_diff']:.2e}, step size "
+                      f"{par['step_size_max_abs_diff']:.2e}; nsi max rel diff "
+                      f"{par['nsi_max_rel_diff']:.2e}; within the export's fp16 tolerances: "
+                      f"{'yes' if par['within_export_tolerances'] else 'no'}."]
+    return lines
 
 
 def plots(results: dict, out_dir: Path, stem: str) -> list[Path]:

@@ -33,18 +33,22 @@ class BenchSettings:
     load_min_requests: int
     load_max_requests: int
     raw_budget: Budget
+    gpu_batches: tuple[int, ...]
+    gpu_budget: Budget
 
     @classmethod
     def full(cls) -> "BenchSettings":
         return cls("full", (1, 8, 32), Budget(warmup=1, seconds=5.0, min_reps=2, max_reps=40),
                    (1, 8), Budget(warmup=1, seconds=6.0, min_reps=3, max_reps=60),
-                   (1, 4, 16), 15.0, 16, 2000, Budget(warmup=1, seconds=5.0, min_reps=3, max_reps=60))
+                   (1, 4, 16), 15.0, 16, 2000, Budget(warmup=1, seconds=5.0, min_reps=3, max_reps=60),
+                   (1, 8, 32, 128), Budget(warmup=3, seconds=3.0, min_reps=5, max_reps=200))
 
     @classmethod
     def quick(cls) -> "BenchSettings":
         return cls("quick", (1, 8), Budget(warmup=1, seconds=0.2, min_reps=2, max_reps=5),
                    (1,), Budget(warmup=1, seconds=0.2, min_reps=2, max_reps=5),
-                   (1, 4), 1.0, 8, 40, Budget(warmup=1, seconds=0.2, min_reps=2, max_reps=5))
+                   (1, 4), 1.0, 8, 40, Budget(warmup=1, seconds=0.2, min_reps=2, max_reps=5),
+                   (1, 2), Budget(warmup=1, seconds=0.2, min_reps=2, max_reps=5))
 
 
 # (key, description, model, how to read the figure, limit, higher is better)
@@ -154,7 +158,13 @@ def run(settings: BenchSettings, models: tuple[str, ...], parts: tuple[str, ...]
                         name, version, settings.concurrencies, settings.load_seconds,
                         settings.load_min_requests, settings.load_max_requests,
                         settings.raw_budget, threads, tmp)
-        results["gpu"] = _gpu_part(results["machine"]["gpu"]) if "gpu" in parts else None
+        if "gpu" in parts:
+            from benchmarks import gpu
+
+            results["gpu"] = gpu.gpu_part(benches, settings.gpu_batches, settings.gpu_budget,
+                                          threads, results["machine"]["gpu"])
+        else:
+            results["gpu"] = None
         results["targets"] = targets(results)
         results["load_average_end"] = machine.load_average()
         results["seconds"] = round(time.time() - started, 1)
@@ -162,16 +172,6 @@ def run(settings: BenchSettings, models: tuple[str, ...], parts: tuple[str, ...]
     finally:
         for name in ("benchmarks", "export"):
             logging.getLogger(name).removeHandler(handler)
-
-
-def _gpu_part(gpu: dict) -> dict:
-    if not gpu["present"]:
-        message = f"GPU part skipped: {gpu['reason']}"
-    else:
-        message = (f"GPU part skipped: GPU(s) present ({', '.join(gpu['devices'])}), but this "
-                   f"version of the benchmark measures the CPU only")
-    log.info(message)
-    return {"skipped": True, "message": message}
 
 
 def _write(results: dict, out_dir: Path, report) -> list[Path]:

@@ -181,12 +181,12 @@ def settings(variant: str, calibration: dict | None = None) -> dict:
             "calibration": calibration}
 
 
-def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     both = ~(np.isnan(a) | np.isnan(b))
     return float(np.max(np.abs(a[both].astype(np.float64) - b[both]), initial=0.0))
 
 
-def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
+def max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
     both = ~(np.isnan(a) | np.isnan(b))
     ref = np.abs(b[both].astype(np.float64))
     return float(np.max(np.abs(a[both] - b[both]) / np.maximum(ref, 1e-12), initial=0.0))
@@ -207,9 +207,9 @@ def verify(variant: str, proto: onnx.ModelProto, fp32_outputs: tuple[np.ndarray,
         "samples": int(len(labels)),
         "top1": top1, "fp32_top1": fp32_top1, "accuracy_change": top1 - fp32_top1,
         "top1_agreement": float((logits.argmax(1) == fp32_outputs[0].argmax(1)).mean()),
-        "logits_max_abs_diff": _max_abs(logits, fp32_outputs[0]),
-        "step_size_max_abs_diff": _max_abs(step_size, fp32_outputs[1]),
-        "nsi_max_rel_diff": _max_rel(nsi, fp32_outputs[2]),
+        "logits_max_abs_diff": max_abs_diff(logits, fp32_outputs[0]),
+        "step_size_max_abs_diff": max_abs_diff(step_size, fp32_outputs[1]),
+        "nsi_max_rel_diff": max_rel_diff(nsi, fp32_outputs[2]),
         "nan_positions_identical": bool(np.array_equal(np.isnan(nsi), np.isnan(fp32_outputs[2]))),
     })
     checks = {"checker": report["checker"] == "passed",
@@ -221,7 +221,7 @@ def verify(variant: str, proto: onnx.ModelProto, fp32_outputs: tuple[np.ndarray,
         few, _ = calibration.load_images(dataset, indices[:reference_samples])
         reference = ReferenceEvaluator(proto).run(None, {INPUT: few})
         report["reference_samples"] = len(few)
-        report["reference_max_abs_diff"] = max(_max_abs(np.asarray(r), o[:len(few)])
+        report["reference_max_abs_diff"] = max(max_abs_diff(np.asarray(r), o[:len(few)])
                                                for r, o in zip(reference, outputs))
         checks.update({
             "logits_max_abs_diff": report["logits_max_abs_diff"] <= tolerances.fp16_logits,

@@ -11,6 +11,7 @@ import pytest
 from models import checkpoint
 
 STEPNET = [sys.executable, "-m", "stepnet.cli"]
+pytestmark = pytest.mark.timeout(600)       # training under a loaded machine: 30 s idle, 3 x under load
 
 
 def run(*args, timeout=600):
