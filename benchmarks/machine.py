@@ -8,7 +8,7 @@ import subprocess
 from importlib import metadata as package_metadata
 
 PACKAGES = ("torch", "onnx", "onnxruntime-gpu", "onnxconverter-common", "numpy", "pillow",
-            "fastapi", "uvicorn", "httpx")
+            "fastapi", "uvicorn", "httptools", "uvloop", "httpx")
 
 
 def cpu_model() -> str:
