@@ -98,19 +98,13 @@ def parity(fp16: Bound, fp32: Bound, images: np.ndarray, labels: np.ndarray | No
     """The fp16 graph against the fp32 graph, both on the target, as the export's fp16 check
     judges them on the CPU."""
     out16, out32 = fp16.outputs(images), fp32.outputs(images)
-    report = {"samples": int(len(images)),
-              "top1_agreement": float((out16[0].argmax(1) == out32[0].argmax(1)).mean()),
-              "logits_max_abs_diff": variants.max_abs_diff(out16[0], out32[0]),
-              "step_size_max_abs_diff": variants.max_abs_diff(out16[1], out32[1]),
-              "nsi_max_rel_diff": variants.max_rel_diff(out16[2], out32[2])}
+    report = {"samples": int(len(images)), **variants.compare(out16, out32)}
     if labels is not None:
         report["fp32_top1"] = float((out32[0].argmax(1) == labels).mean())
         report["fp16_top1"] = float((out16[0].argmax(1) == labels).mean())
     report["within_export_tolerances"] = bool(
         report["top1_agreement"] >= tolerances.top1_agreement
-        and report["logits_max_abs_diff"] <= tolerances.fp16_logits
-        and report["step_size_max_abs_diff"] <= tolerances.fp16_step_size
-        and report["nsi_max_rel_diff"] <= tolerances.fp16_nsi_relative)
+        and all(variants.fp16_checks(report, tolerances).values()))
     return report
 
 

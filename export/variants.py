@@ -192,6 +192,22 @@ def max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a[both] - b[both]) / np.maximum(ref, 1e-12), initial=0.0))
 
 
+def compare(outputs: tuple[np.ndarray, ...], fp32_outputs: tuple[np.ndarray, ...]) -> dict:
+    """How far a variant's (logits, step_size, nsi) lie from the fp32 graph's on the same images."""
+    logits, step_size, nsi = outputs[:3]
+    return {"top1_agreement": float((logits.argmax(1) == fp32_outputs[0].argmax(1)).mean()),
+            "logits_max_abs_diff": max_abs_diff(logits, fp32_outputs[0]),
+            "step_size_max_abs_diff": max_abs_diff(step_size, fp32_outputs[1]),
+            "nsi_max_rel_diff": max_rel_diff(nsi, fp32_outputs[2])}
+
+
+def fp16_checks(report: dict, tolerances: VariantTolerances) -> dict[str, bool]:
+    """The fp16 limits on what compare() measured."""
+    return {"logits_max_abs_diff": report["logits_max_abs_diff"] <= tolerances.fp16_logits,
+            "step_size_max_abs_diff": report["step_size_max_abs_diff"] <= tolerances.fp16_step_size,
+            "nsi_max_rel_diff": report["nsi_max_rel_diff"] <= tolerances.fp16_nsi_relative}
+
+
 def verify(variant: str, proto: onnx.ModelProto, fp32_outputs: tuple[np.ndarray, ...],
            dataset, indices: np.ndarray, tolerances: VariantTolerances,
            reference_samples: int = 2) -> dict:
@@ -200,16 +216,13 @@ def verify(variant: str, proto: onnx.ModelProto, fp32_outputs: tuple[np.ndarray,
     classes, layers = fp32_outputs[0].shape[1], fp32_outputs[2].shape[1]
     report = structure(proto, classes, layers)
     *outputs, labels = calibration.run_graph(runtime.cpu_session(proto), dataset, indices)
-    logits, step_size, nsi = outputs
+    logits, _, nsi = outputs
     fp32_top1 = float((fp32_outputs[0].argmax(1) == labels).mean())
     top1 = float((logits.argmax(1) == labels).mean())
     report.update({
         "samples": int(len(labels)),
         "top1": top1, "fp32_top1": fp32_top1, "accuracy_change": top1 - fp32_top1,
-        "top1_agreement": float((logits.argmax(1) == fp32_outputs[0].argmax(1)).mean()),
-        "logits_max_abs_diff": max_abs_diff(logits, fp32_outputs[0]),
-        "step_size_max_abs_diff": max_abs_diff(step_size, fp32_outputs[1]),
-        "nsi_max_rel_diff": max_rel_diff(nsi, fp32_outputs[2]),
+        **compare(outputs, fp32_outputs),
         "nan_positions_identical": bool(np.array_equal(np.isnan(nsi), np.isnan(fp32_outputs[2]))),
     })
     checks = {"checker": report["checker"] == "passed",
@@ -224,9 +237,7 @@ def verify(variant: str, proto: onnx.ModelProto, fp32_outputs: tuple[np.ndarray,
         report["reference_max_abs_diff"] = max(max_abs_diff(np.asarray(r), o[:len(few)])
                                                for r, o in zip(reference, outputs))
         checks.update({
-            "logits_max_abs_diff": report["logits_max_abs_diff"] <= tolerances.fp16_logits,
-            "step_size_max_abs_diff": report["step_size_max_abs_diff"] <= tolerances.fp16_step_size,
-            "nsi_max_rel_diff": report["nsi_max_rel_diff"] <= tolerances.fp16_nsi_relative,
+            **fp16_checks(report, tolerances),
             "reference_max_abs_diff": report["reference_max_abs_diff"] <= tolerances.fp16_reference,
         })
     report["tolerances"] = asdict(tolerances)

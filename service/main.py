@@ -82,7 +82,8 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                http="httptools", loop="uvloop", log_level=settings.log_level, access_log=settings.access_log,
+                http="httptools", loop="uvloop",      # the faster parser and loop: docs/performance.md
+                log_level=settings.log_level, access_log=settings.access_log,
                 timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s))
 
 
