@@ -10,22 +10,18 @@ Any error, Ctrl-C included, removes the temporary folder and restores what was t
 
 import hashlib
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
 from export import metadata
 from stepnet.errors import UserError
-
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-VERSION_PATTERN = re.compile(r"[1-9][0-9]*")
+from stepnet.repository import MODEL_NAME_RULE, is_version, valid_model_name
 
 
 def check_name(name: str) -> str:
-    if not NAME_PATTERN.fullmatch(name) or ".." in name:
-        raise UserError(f"invalid model name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
-                        f"starting with a letter or digit, without '..' or path separators")
+    if not valid_model_name(name):
+        raise UserError(f"invalid model name {name!r}: {MODEL_NAME_RULE}")
     return name
 
 
@@ -40,7 +36,7 @@ def versions(model_dir: Path) -> list[int]:
     if not model_dir.is_dir():
         return []
     return sorted(int(p.name) for p in model_dir.iterdir()
-                  if p.is_dir() and VERSION_PATTERN.fullmatch(p.name))
+                  if p.is_dir() and is_version(p.name))
 
 
 def resolve_version(repository: Path, name: str, version: int | None, force: bool) -> int:
