@@ -9,7 +9,7 @@ DEFAULT_EPOCHS ?= 15
 MODEL_REPOSITORY ?= model_repository
 DEFAULT_MODEL := $(MODEL_REPOSITORY)/stepnet-digits/1
 
-.PHONY: serve test model checkpoint venv clean container-test bench
+.PHONY: serve test model checkpoint venv clean container-test bench fuzz
 
 venv: $(STAMP)
 
@@ -49,6 +49,13 @@ bench: $(STAMP) | $(DEFAULT_MODEL)/model.json
 test: $(STAMP)
 	@$(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The schemathesis run of `make test`, longer: every phase, stateful included, until FUZZ_MAX_TIME_S
+# (default 600) is spent. FUZZ_SEED=... replays or varies it.
+fuzz: $(STAMP)
+	FUZZ_MAX_TIME_S=$${FUZZ_MAX_TIME_S:-600} FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-1000} \
+		FUZZ_PHASES=examples,coverage,fuzzing,stateful \
+		$(BIN)/python -m pytest tests/service/test_schema_fuzz.py -p no:cacheprovider
 
 # Builds and runs the Dockerfile with Podman (as root; installs what it needs): deploy/container-test.sh.
 # About 7 minutes on a fresh machine, 1 minute when rerun; not part of `test` (docs/deploy.md).

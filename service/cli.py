@@ -32,10 +32,26 @@ def _cmd_serve(args) -> int:
         except ModelLoadError as exc:
             raise UserError(f"{exc.message}; STEPNET_DEVICE=auto falls back to the CPU provider") from None
 
+    _open_file_limit(settings.max_connections)
+
     from service.main import serve
 
     serve(settings)
     return 0
+
+
+def _open_file_limit(connections: int) -> None:
+    """Raise the soft limit on open files to what STEPNET_MAX_CONNECTIONS needs, or refuse."""
+    import resource
+
+    needed = connections + 256          # + model files, listening sockets, threads' pipes, logs
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise UserError(f"STEPNET_MAX_CONNECTIONS={connections} needs {needed} open files, but the "
+                        f"hard limit is {hard} (ulimit -Hn); lower STEPNET_MAX_CONNECTIONS")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
 def register(sub) -> None:

@@ -14,6 +14,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from stepnet.repository import VERSION_PATTERN, VERSION_RULE
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +74,15 @@ class InvalidParameter(ServiceError):
 
 
 class ModelLoadError(ServiceError):
-    """A model version on disk that cannot be served (bad metadata, checksum, graph)."""
+    """A model version on disk that cannot be served (bad metadata, checksum, graph).
+
+    `message` is for the log: it may name files and quote onnxruntime. `public` is what clients
+    see (the repository index, a 404 for that version): names and versions, no paths."""
     status, code = 422, "model_load_failed"
+
+    def __init__(self, message: str, public: str | None = None):
+        super().__init__(message)
+        self.public = public or message
 
 
 class Unauthorized(ServiceError):
@@ -109,6 +119,18 @@ class ShuttingDown(Unavailable):
 
 class RequestTimeout(ServiceError):
     status, code = 504, "timeout"
+
+
+class BodyTimeout(ServiceError):
+    """The client did not finish sending its body in time: its fault, and the connection closes."""
+    status, code = 408, "request_timeout"
+    headers = {"Connection": "close"}
+
+
+class ClientDisconnected(ServiceError):
+    """The client closed the connection before its request was complete. Nobody reads the answer;
+    the status (nginx's 499) is what the metrics and the access log record."""
+    status, code = 499, "client_closed_request"
 
 
 class ErrorDetail(BaseModel):
@@ -165,7 +187,10 @@ def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err.get("loc", ())[1:]) or "request"
-        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+        message = err.get("msg", "invalid")
+        if err.get("type") == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == VERSION_PATTERN:
+            message = f"{err.get('input')!r} is not a version ({VERSION_RULE})"
+        parts.append(f"{where}: {message}")
     return "; ".join(parts)
 
 
@@ -175,6 +200,14 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status >= 500 and not isinstance(exc, (Unavailable, RequestTimeout)):
             log.error("%s %s: %s", request.method, request.url.path, exc.message)
         return _respond(request, exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect):
+        client = request.client.host if request.client else "client"
+        log.info("%s %s: %s disconnected before sending the whole request", request.method,
+                 request.url.path, client)
+        return _respond(request, ClientDisconnected.status, ClientDisconnected.code,
+                        "the client closed the connection before the request was complete")
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):

@@ -25,14 +25,15 @@ def open_version(meta: ModelMetadata, folder: Path, settings: Settings, device: 
     label = f"{meta.name}:{meta.version}"
     started = time.perf_counter()
     file = pick_file(meta, folder, settings.variant)
+    where = f"{meta.name}/{meta.version}/{file}"           # what clients may see: no paths
     try:
         model = (folder / file).read_bytes()
     except OSError as exc:
-        raise ModelLoadError(f"{folder / file}: {exc.strerror or exc}") from None
+        raise ModelLoadError(f"{folder / file}: {exc}", f"{where} cannot be read ({exc.strerror})") from None
     expected = meta.files[file]
     if len(model) != expected.bytes or hashlib.sha256(model).hexdigest() != expected.sha256:
-        raise ModelLoadError(f"{folder / file}: size or sha256 differs from model.json "
-                             f"(file truncated or altered)")
+        raise ModelLoadError(f"{where}: size or sha256 differs from model.json (file truncated or "
+                             f"altered, or still being copied)")
     outputs = (meta.outputs.logits, meta.outputs.step_size, meta.outputs.nsi)
     session = Session(model, device, settings.intra_op_threads, outputs, label)
     _warm_up(session, meta, label, settings.max_batch_size)
@@ -49,7 +50,7 @@ def pick_file(meta: ModelMetadata, folder: Path, variant: str) -> str:
         log.warning("%s:%s has no %s listed in model.json; serving model.onnx",
                     meta.name, meta.version, wanted)
     if "model.onnx" not in meta.files:
-        raise ModelLoadError(f"{folder / 'model.json'}: files lists no model.onnx")
+        raise ModelLoadError(f"{meta.name}/{meta.version}/model.json: files lists no model.onnx")
     return "model.onnx"
 
 
@@ -60,7 +61,8 @@ def _warm_up(session: Session, meta: ModelMetadata, label: str, max_batch_size: 
         try:
             logits, step_size, nsi = session.run(np.zeros((b, *meta.input.shape), session.input_dtype))
         except Exception as exc:
-            raise ModelLoadError(f"{label}: inference fails at batch size {b}: {exc}") from None
+            raise ModelLoadError(f"{label}: inference fails at batch size {b}: {exc}",
+                                 f"{label}: inference fails at batch size {b}") from None
         shapes = (logits.shape, step_size.shape, nsi.shape)
         if shapes != ((b, n_classes), (b, n_layers, 3), (b, n_layers)):
             raise ModelLoadError(f"{label}: outputs have shapes {shapes}; model.json implies "

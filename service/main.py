@@ -15,11 +15,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api.routes import (health, metrics as metrics_route, models, predict, repository as
-                                repository_route, stiffness, v2)
+from service.api.routes import (docs, health, metrics as metrics_route, models, predict,
+                                repository as repository_route, stiffness, v2)
 from service.core.config import Settings
 from service.errors import install_error_handlers
 from service.metrics import GpuCollector, Metrics, RequestMetricsMiddleware, StateCollector
+from service.preprocess import return_memory_to_the_os
 from service.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         _configure_logging(settings.log_level)
+        return_memory_to_the_os()
+        if settings.max_queue_size < settings.max_batch_size:
+            log.warning("STEPNET_MAX_QUEUE_SIZE=%d is below STEPNET_MAX_BATCH_SIZE=%d: batches never "
+                        "exceed %d, and no request may carry more rows", settings.max_queue_size,
+                        settings.max_batch_size, settings.max_queue_size)
         repository = Repository(settings, metrics)
         repository.discover()
         metrics.watch(StateCollector(repository.served))
@@ -51,13 +57,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await repository.close(settings.shutdown_timeout_s)
 
     app = FastAPI(title="StepNet inference service", description=DESCRIPTION, version="1",
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)    # /docs: service.api.routes.docs
     app.state.settings, app.state.metrics = settings, metrics
     install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
-    for module in (predict, stiffness, models, health, metrics_route, v2, repository_route):
+    for module in (predict, stiffness, models, health, metrics_route, v2, repository_route, docs):
         app.include_router(module.router)
+    app.mount(docs.ASSETS, docs.assets, name="docs-assets")
+    _document_settings(app, settings)
     return app
+
+
+def _document_settings(app: FastAPI, settings: Settings) -> None:
+    """Limits that come from settings, written into the OpenAPI schema the first time it is made."""
+    make_schema = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = make_schema()
+            for parameter in schema["paths"]["/stiffness"]["get"]["parameters"]:
+                if parameter["name"] == "window":
+                    parameter["schema"]["maximum"] = settings.stiffness_history
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 async def _load(repository: Repository, metrics: Metrics, poll_s: float) -> None:
@@ -78,11 +101,16 @@ def _configure_logging(level: str) -> None:
 
 
 def serve(settings: Settings) -> None:
-    """Run the app with uvicorn (what `stepnet serve` does)."""
+    """Run the app with uvicorn (what `stepnet serve` does): httptools and uvloop, the faster
+    parser and loop (docs/performance.md), with the connection limits of service.connections."""
     import uvicorn
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                http="httptools", loop="uvloop",      # the faster parser and loop: docs/performance.md
+    from service.connections import ConnectionLimits, guarded_protocol
+
+    app = create_app(settings)
+    limits = ConnectionLimits(settings.max_header_bytes, settings.header_timeout_s, settings.max_connections)
+    uvicorn.run(app, host=settings.host, port=settings.port,
+                http=guarded_protocol(limits, app.state.metrics), loop="uvloop",
                 log_level=settings.log_level, access_log=settings.access_log,
                 timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s))
 

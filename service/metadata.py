@@ -116,18 +116,21 @@ class ModelMetadata(_Meta):
 def read_metadata(folder: Path) -> ModelMetadata:
     """The metadata of one version folder, checked against the folder's name and number."""
     path = folder / METADATA_FILE
+    where = f"{folder.parent.name}/{folder.name}/{METADATA_FILE}"     # what clients may see
     try:
         meta = ModelMetadata.model_validate(json.loads(path.read_bytes()))
     except FileNotFoundError:
-        raise ModelLoadError(f"{path}: missing") from None
-    except (OSError, ValueError) as exc:     # ValueError covers JSON and pydantic errors
+        raise ModelLoadError(f"{path}: missing", f"{where}: missing") from None
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: {exc}", f"{where} cannot be read ({exc.strerror})") from None
+    except ValueError as exc:     # JSON and pydantic errors
         detail = (f"{exc.error_count()} problem(s): "
                   + "; ".join(f"{'.'.join(map(str, e['loc'])) or 'model.json'}: {e['msg']}"
                               for e in exc.errors()[:3])) if isinstance(exc, ValidationError) else str(exc)
-        raise ModelLoadError(f"{path}: {detail}") from None
+        raise ModelLoadError(f"{path}: {detail}", f"{where} is not valid metadata: {detail}") from None
     if meta.name != folder.parent.name or str(meta.version) != folder.name:
-        raise ModelLoadError(f"{path}: says {meta.name} version {meta.version}, but lies in "
+        raise ModelLoadError(f"{where}: says {meta.name} version {meta.version}, but lies in "
                              f"{folder.parent.name}/{folder.name}")
     if not meta.verification.get("passed"):
-        raise ModelLoadError(f"{path}: the export's verification did not pass")
+        raise ModelLoadError(f"{where}: the export's verification did not pass")
     return meta

@@ -35,6 +35,13 @@ class Metrics:
                                          "End-to-end HTTP request time in the server",
                                          ["endpoint"], buckets=LATENCY_BUCKETS, registry=reg)
         self.in_flight = Gauge("stepnet_requests_in_flight", "HTTP requests being served", registry=reg)
+        self.connections = Gauge("stepnet_http_connections", "Open HTTP connections", registry=reg)
+        self.connections_refused = Counter(
+            "stepnet_connections_refused", "HTTP connections closed by a limit before a request was "
+            "read: header_too_large (431), header_timeout (408), connection_limit (503)", ["reason"],
+            registry=reg)
+        for reason in ("header_too_large", "header_timeout", "connection_limit"):
+            self.connections_refused.labels(reason)          # exported at 0, not absent
         self.load_failures = Counter("stepnet_model_load_failures", "Model versions refused when loading "
                                      "(unreadable metadata, checksum mismatch, graph that does not run)",
                                      ["model"], registry=reg)
@@ -87,7 +94,8 @@ class StateCollector(Collector):
             for row in served.stiffness.summary().layers:
                 if row.live.count == 0:
                     continue
-                step.add_metric([*labels, row.name], row.live.step_size_mean)
+                if row.live.step_size_mean is not None:
+                    step.add_metric([*labels, row.name], row.live.step_size_mean)
                 if row.live.nsi_mean is not None:
                     nsi.add_metric([*labels, row.name], row.live.nsi_mean)
                 if row.drift is not None:

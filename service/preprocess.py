@@ -3,10 +3,14 @@ decode with Pillow, apply the EXIF orientation, convert to the model's colour mo
 shorter side (bilinear), centre-crop, scale to [0, 1], normalize with the metadata's mean and std.
 
 Runs in a thread pool (Pillow releases the GIL while decoding and resizing). Untrusted bytes are
-refused early: the pixel count is read from the header before anything is decoded.
+refused early: the pixel count is read from the header before anything is decoded. A decode
+within the limit still holds about 12 bytes per pixel at its peak (the decoded image and its
+converted copies), which return_memory_to_the_os() makes sure goes back to the OS afterwards.
 """
 
+import ctypes
 import io
+import logging
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
@@ -15,7 +19,10 @@ from service.errors import ImageTooLarge, InvalidImage, ServiceError
 from service.metadata import Preprocessing
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")    # JPEG covers MPO (phone cameras)
-_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_M_MMAP_THRESHOLD = -3          # glibc's mallopt parameter
+LARGE_ALLOCATION = 4 << 20      # Pillow allocates images in blocks of up to 16 MiB
+log = logging.getLogger(__name__)
 Image.init()                    # import the decoders now, not on the first request
 Image.MAX_IMAGE_PIXELS = None   # the limit is STEPNET_MAX_IMAGE_PIXELS, checked below before decoding
 
@@ -60,17 +67,25 @@ class Preprocessor:
             factor = spec.resize / min(width, height)
             image.draft(spec.colour_mode, (max(1, round(width * factor)), max(1, round(height * factor))))
         image.load()                 # decodes; raises on truncated data
+        source_format = image.format
         if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
             image = ImageOps.exif_transpose(image)
-        image = _to_mode(image, spec.colour_mode)
+        image = _to_mode(image, spec.colour_mode, source_format)
         return _resize_and_crop(image, spec.resize, spec.crop)
 
 
-def _to_mode(image: Image.Image, mode: str) -> Image.Image:
+def _to_mode(image: Image.Image, mode: str, source_format: str | None) -> Image.Image:
     """Any Pillow mode -> "L" or "RGB". 16-bit images keep their full range (Pillow's own convert
-    clips them); transparent pixels count as black, the digits' background."""
-    if image.mode in _SIXTEEN_BIT:
+    clips them); 32-bit integer and float images (modes I and F, from TIFF), whose writers store
+    8-bit, 16-bit or physical values alike, are scaled by their real range, from min(0, lowest)
+    to the highest value; transparent pixels count as black, the digits' background."""
+    if image.mode in _SIXTEEN_BIT or (image.mode == "I" and source_format == "PNG"):   # older Pillow
         image = Image.fromarray(np.rint(np.asarray(image, np.float32) / 257.0).clip(0, 255).astype(np.uint8))
+    elif image.mode in ("I", "F"):
+        values = np.nan_to_num(np.asarray(image, np.float64), posinf=0.0, neginf=0.0)
+        low, high = min(0.0, float(values.min())), float(values.max())
+        scale = 255.0 / (high - low) if high > low else 0.0
+        image = Image.fromarray(np.rint((values - low) * scale).astype(np.uint8))
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -90,3 +105,17 @@ def _resize_and_crop(image: Image.Image, resize: int, crop: int) -> Image.Image:
         image = image.resize(size, Image.Resampling.BILINEAR)
     left, top = int(round((size[0] - crop) / 2.0)), int(round((size[1] - crop) / 2.0))
     return image.crop((left, top, left + crop, top + crop))   # pads with zeros where crop > size
+
+
+def return_memory_to_the_os() -> None:
+    """Serve large allocations (decoded images) from mmap, so that freeing them returns them to the
+    OS. glibc otherwise raises its mmap threshold to the size of the first large block freed and
+    keeps later ones in its heaps: RSS then stays at the peak of the largest decodes seen (measured
+    in docs/hardening.md). Other C libraries: nothing to do, logged at debug level."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        log.debug("no glibc mallopt here; large allocations are left to the C library")
+        return
+    if mallopt(_M_MMAP_THRESHOLD, LARGE_ALLOCATION) != 1:
+        log.warning("mallopt(M_MMAP_THRESHOLD) failed; decoded images may stay in the heap")

@@ -12,13 +12,22 @@ that hold it finish first: service.served). A version that cannot be served (unr
 a file that differs from its sha256, a graph without the outputs model.json names) is refused with
 a log line and a count in stepnet_model_load_failures_total, and is not tried again until its
 folder changes; what served before keeps serving. Only an admin unload takes a model or a version
-out of service on purpose: a folder deleted from disk keeps serving until then.
+out of service on purpose: a folder deleted from disk keeps serving until then, and counts toward
+STEPNET_MAX_VERSIONS as it did before.
+
+When polling, a version whose folder changed since the previous scan is still being written (a
+copy in place, rather than the exporter's atomic rename): it is left alone, listed as not yet
+complete, and loaded once one whole poll interval has passed without a change. A load that fails
+while the files change under it is not a failure either. So a slow copy costs one load, not an
+ERROR and a failure count on every poll.
+
+What clients see of a refused version (the index, a 404) is its public reason: names, versions
+and what is wrong, never a path on this host or a library's message; the log has those.
 """
 
 import asyncio
 import logging
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,16 +40,13 @@ from service.metadata import METADATA_FILE, ModelMetadata, read_metadata
 from service.metrics import Metrics
 from service.runtime import Device, Session, choose_device
 from service.served import ServedModel
+from stepnet.repository import MODEL_NAME_RULE, is_version, valid_model_name
 
 log = logging.getLogger(__name__)
 
 LOADING, READY, FAILED, UNLOADING, UNLOADED = "loading", "ready", "failed", "unloading", "unloaded"
 _LISTED = (LOADING, READY, FAILED)         # a model with versions in these states is known to requests
-_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-def valid_model_name(name: str) -> bool:
-    return _MODEL_NAME.fullmatch(name) is not None and ".." not in name
+CHANGING = "files still changing (being copied?); loaded once they stay unchanged for one poll"
 
 
 def scan_models(root: Path) -> list[str]:
@@ -61,15 +67,22 @@ def scan_versions(model_dir: Path) -> dict[int, tuple]:
     except OSError:
         return {}
     for entry in entries:
-        if not (entry.name.isdigit() and entry.name[0] != "0" and entry.is_dir()):
+        if not (is_version(entry.name) and entry.is_dir()):
             continue
-        try:
-            files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
-                           for f in os.scandir(entry.path) if f.is_file())
-            versions[int(entry.name)] = (entry.inode(), tuple(files))
-        except OSError:          # removed while scanned
-            continue
+        signature = folder_signature(entry.path)
+        if signature is not None:
+            versions[int(entry.name)] = signature
     return versions
+
+
+def folder_signature(folder: str | Path) -> tuple | None:
+    """A version folder's inode and its files' names, sizes and mtimes; None when it is gone."""
+    try:
+        files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                       for f in os.scandir(folder) if f.is_file())
+        return os.stat(folder).st_ino, tuple(files)
+    except OSError:          # removed while scanned
+        return None
 
 
 @dataclass
@@ -92,6 +105,8 @@ class Repository:
         self._models: dict[str, dict[int, VersionState]] = {}
         self._refused: dict[tuple[str, int], tuple] = {}    # (model, version) -> signature refused
         self._held: set[tuple[str, int | None]] = set()     # unloaded by an admin (None: whole model)
+        self._scanned: dict[str, dict[int, tuple]] = {}      # the previous poll's scan, per model
+        self._changing: set[tuple[str, int]] = set()        # versions whose files still change
         self._locks: dict[str, asyncio.Lock] = {}
         self._draining: set[asyncio.Task] = set()
         self._started = False
@@ -121,38 +136,46 @@ class Repository:
         await self.sync_all()
         self._started = True
 
-    async def sync_all(self) -> None:
+    async def sync_all(self, settle: bool = False) -> None:
         for name in await asyncio.to_thread(scan_models, self.root):
-            await self.sync(name)
+            await self.sync(name, settle)
 
     async def poll(self, interval_s: float) -> None:
         """STEPNET_REPOSITORY_POLL_S: sync every model every interval_s seconds, until cancelled."""
         while True:
             await asyncio.sleep(interval_s)
             try:
-                await self.sync_all()
+                await self.sync_all(settle=True)
             except Exception:
                 log.exception("repository poll failed; trying again in %g s", interval_s)
 
-    async def sync(self, name: str) -> None:
-        """Serve the newest max_versions versions of `name` that load; retire older ones."""
+    async def sync(self, name: str, settle: bool = False) -> None:
+        """Serve the newest max_versions versions of `name` that load; retire older ones. With
+        `settle` (polling), a version whose folder changed since the previous scan waits."""
         async with self._locks.setdefault(name, asyncio.Lock()):
             if (name, None) in self._held:
                 return
             on_disk = await asyncio.to_thread(scan_versions, self.root / name)
+            previous, self._scanned[name] = self._scanned.get(name, {}), on_disk
+            self._changing = {(n, v) for n, v in self._changing if n != name or v in on_disk}
             versions = self._models.setdefault(name, {})
+            # a folder deleted under a serving version: it serves on, and counts as it did
+            gone = {v for v, s in versions.items() if s.state == READY and v not in on_disk}
             serving = 0
-            for version in sorted(on_disk, reverse=True):
+            for version in sorted(on_disk.keys() | gone, reverse=True):
                 if serving == self.settings.max_versions:
                     break
                 if (name, version) in self._held:
                     continue
-                signature, current = on_disk[version], versions.get(version)
+                signature, current = on_disk.get(version), versions.get(version)
                 was_ready = current is not None and current.state == READY
-                if was_ready and current.signature == signature:
+                if version in gone or (was_ready and current.signature == signature):
                     serving += 1
                 elif self._refused.get((name, version)) == signature:
                     serving += was_ready               # a refused re-export: the old one serves on
+                elif settle and previous.get(version) != signature:
+                    self._changing.add((name, version))
+                    serving += was_ready
                 elif await self._load(name, version, signature) or was_ready:
                     serving += 1
             ready = sorted((v for v, s in versions.items() if s.state == READY), reverse=True)
@@ -164,6 +187,7 @@ class Repository:
         versions = self._models[name]
         for counter in (self.metrics.loads, self.metrics.load_failures):
             counter.labels(name)               # exported as 0 from the first load on, not absent
+        self._changing.discard((name, version))
         state = VersionState(name, version, self.root / name / str(version), signature)
         replaced = versions.get(version)
         if replaced is None or replaced.state != READY:
@@ -177,12 +201,7 @@ class Repository:
             state.state, state.error = FAILED, "loading was cancelled"
             raise
         except Exception as exc:        # whatever a broken version does, the ones serving serve on
-            expected = isinstance(exc, ModelLoadError)
-            state.state = FAILED
-            state.error = exc.message if expected else f"{type(exc).__name__}: {exc}"
-            self._refused[(name, version)] = signature
-            self.metrics.load_failures.labels(name).inc()
-            log.error("refused %s/%s: %s", name, version, state.error, exc_info=not expected)
+            self._failed(state, exc, replaced)
             return False
         served.batcher.start()
         state.served, state.state = served, READY
@@ -193,6 +212,24 @@ class Repository:
             self._retire(replaced, "replaced by a new export of the same version")
         log.info("serving %s:%s (%s)", name, version, served.provider)
         return True
+
+    def _failed(self, state: VersionState, exc: Exception, replaced: VersionState | None) -> None:
+        """A load that failed: refused and counted, unless its files changed while it ran (a copy
+        still in progress, tried again once they settle)."""
+        name, version = state.name, state.version
+        if folder_signature(state.folder) != state.signature:
+            self._changing.add((name, version))
+            if replaced is None or replaced.state != READY:
+                del self._models[name][version]
+            log.info("%s:%s changed while loading; waiting for its files to settle", name, version)
+            return
+        expected = isinstance(exc, ModelLoadError)
+        state.state = FAILED
+        state.error = exc.public if expected else "unexpected error while loading; see the server log"
+        self._refused[(name, version)] = state.signature
+        self.metrics.load_failures.labels(name).inc()
+        log.error("refused %s/%s (%s): %s", name, version, state.folder,
+                  exc.message if expected else f"{type(exc).__name__}: {exc}", exc_info=not expected)
 
     def _open(self, meta: ModelMetadata, folder: Path) -> tuple[str, Session]:
         if self._device is None:
@@ -218,9 +255,9 @@ class Repository:
     async def load(self, name: str) -> None:
         """Admin load: forget earlier unloads and refusals of `name`, then sync it from disk."""
         if not valid_model_name(name):
-            raise BadRequest(f"{name!r} is not a model name (1-64 of [A-Za-z0-9._-], no '..')")
+            raise BadRequest(f"{name!r} is not a model name ({MODEL_NAME_RULE})")
         if not (self.root / name).is_dir():
-            raise ModelNotFound(f"no model {name!r} in the repository {self.root}")
+            raise ModelNotFound(f"no model {name!r} in the repository")
         self._held = {held for held in self._held if held[0] != name}
         self._refused = {key: sig for key, sig in self._refused.items() if key[0] != name}
         await self.sync(name)
@@ -258,7 +295,12 @@ class Repository:
         if not versions or (name, None) in self._held:
             raise ModelNotFound(f"no model {name!r} is loaded; loaded: {', '.join(self._names()) or 'none'}")
         if version is None:
-            version = max([v for v, s in versions.items() if s.state == READY] or versions)
+            ready = [v for v, s in versions.items() if s.state == READY]
+            loading = [v for v, s in versions.items() if s.state == LOADING]
+            if not ready and not loading:     # only refused versions are left: nothing serves
+                failed = ", ".join(map(str, sorted(versions)))
+                raise ModelNotFound(f"model {name!r} has no version serving (failed to load: {failed})")
+            version = max(ready or loading)
         state = self._models[name].get(version)
         if state is None:
             raise VersionNotFound(f"{name} has no version {version} loaded; loaded: "
@@ -298,7 +340,8 @@ class Repository:
             for version in sorted(set(on_disk.get(name, {})) | set(known)):
                 out.append(known.get(version) or VersionState(
                     name, version, self.root / name / str(version), on_disk[name][version],
-                    state=UNLOADED, error="not loaded"))
+                    state=UNLOADED,
+                    error=CHANGING if (name, version) in self._changing else "not loaded"))
         return out
 
     @property

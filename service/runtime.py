@@ -102,7 +102,8 @@ def _create(model: bytes, device: Device, intra_op_threads: int, label: str) -> 
             session = ort.InferenceSession(model, session_options(None),
                                            providers=[(CUDA, cuda_options), CPU])
         except Exception as exc:
-            raise ModelLoadError(f"{label}: onnxruntime cannot load the model: {exc}") from None
+            raise ModelLoadError(f"{label}: onnxruntime cannot load the model: {exc}",
+                                 f"{label}: onnxruntime cannot load the model") from None
         if session.get_providers()[0] == CUDA:
             log.info("%s: %s (%s)", label, CUDA, device.reason)
             return session
@@ -114,6 +115,7 @@ def _create(model: bytes, device: Device, intra_op_threads: int, label: str) -> 
     try:
         session = ort.InferenceSession(model, session_options(intra_op_threads), providers=[CPU])
     except Exception as exc:
-        raise ModelLoadError(f"{label}: onnxruntime cannot load the model: {exc}") from None
+        raise ModelLoadError(f"{label}: onnxruntime cannot load the model: {exc}",
+                             f"{label}: onnxruntime cannot load the model") from None
     log.info("%s: %s with %d intra-op threads (%s)", label, CPU, intra_op_threads, device.reason)
     return session

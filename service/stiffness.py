@@ -72,12 +72,15 @@ class StiffnessTracker:
 
 
 def _live(step: np.ndarray, nsi: np.ndarray | None) -> tuple[LiveStats, float | None]:
-    """Statistics of one layer over the window, and its mean log NSI (None where undefined)."""
+    """Statistics of one layer over the window, and its mean log NSI (None where undefined).
+    Non-finite values (a NaN output) are left out, so one bad request cannot blank a window."""
     if step.size == 0:
         return LiveStats(count=0, step_size_mean=None, step_size_p95=None, nsi_mean=None,
                          nsi_p50=None, nsi_p95=None), None
-    stats = dict(count=int(step.size), step_size_mean=float(step.mean()),
-                 step_size_p95=float(np.percentile(step, 95)))
+    steps = step[np.isfinite(step)]
+    stats = dict(count=int(step.size),
+                 step_size_mean=float(steps.mean()) if steps.size else None,
+                 step_size_p95=float(np.percentile(steps, 95)) if steps.size else None)
     log_mean = None
     finite = nsi[np.isfinite(nsi)] if nsi is not None else np.empty(0)
     if finite.size:

@@ -9,10 +9,11 @@ from typing import Annotated
 from fastapi import Depends, Header, Query, Request
 
 from service.core.config import Settings
-from service.errors import AdminDisabled, NotReady, RequestTimeout, Unauthorized
+from service.errors import AdminDisabled, BodyTimeout, NotReady, RequestTimeout, Unauthorized
 from service.metrics import Metrics
 from service.repository import Repository
 from service.served import ServedModel
+from stepnet.repository import VERSION_PATTERN, VERSION_RULE, parse_version
 
 
 # async: FastAPI runs plain `def` dependencies in a thread pool, a needless hop on every request
@@ -37,14 +38,15 @@ RepositoryDep = Annotated[Repository, Depends(get_repository)]
 
 ModelQuery = Annotated[str | None, Query(
     description="model name; default: the only model served, or STEPNET_DEFAULT_MODEL")]
-VersionQuery = Annotated[int | None, Query(ge=1, description="model version; default: the latest")]
+VersionQuery = Annotated[str | None, Query(
+    pattern=VERSION_PATTERN, description=f"model version, {VERSION_RULE}; default: the latest")]
 
 
 async def get_served_model(repository: RepositoryDep, model: ModelQuery = None,
                            version: VersionQuery = None) -> AsyncIterator[ServedModel]:
     """The version the request names, leased until the request is done: a hot reload or an
     unload waits for it before it stops that version."""
-    with repository.get(model, version).lease() as served:
+    with repository.get(model, None if version is None else parse_version(version)).lease() as served:
         yield served
 
 
@@ -62,12 +64,29 @@ async def require_admin(settings: SettingsDep, authorization: Annotated[str | No
         raise Unauthorized("repository control needs the header 'Authorization: Bearer <STEPNET_ADMIN_KEY>'")
 
 
+class Deadline:
+    """Where a request stands when its time runs out: still sending its body (the client's fault:
+    408) or waiting for its result (the server's: 504)."""
+    __slots__ = ("body_received",)
+
+    def __init__(self):
+        self.body_received = False
+
+    def received(self) -> None:
+        self.body_received = True
+
+
 @asynccontextmanager
-async def deadline(seconds: float) -> AsyncIterator[None]:
-    """STEPNET_REQUEST_TIMEOUT_S around a request's work: past it the work is cancelled (a queued
-    request leaves the batcher's queue) and the client gets 504."""
+async def deadline(seconds: float) -> AsyncIterator[Deadline]:
+    """STEPNET_REQUEST_TIMEOUT_S around a request's work, body upload included: past it the work
+    is cancelled (a queued request leaves the batcher's queue) and the client gets 408 if its body
+    had not arrived, 504 if the server had not answered."""
+    where = Deadline()
     try:
         async with asyncio.timeout(seconds):
-            yield
+            yield where
     except TimeoutError:
+        if not where.body_received:
+            raise BodyTimeout(f"the request body did not arrive within {seconds:g} s "
+                              f"(STEPNET_REQUEST_TIMEOUT_S)") from None
         raise RequestTimeout(f"no result within {seconds:g} s (STEPNET_REQUEST_TIMEOUT_S)") from None

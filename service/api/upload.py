@@ -1,7 +1,11 @@
 """Reading a request's body: an uploaded image (the multipart field `file`, or the raw body with an
 image/* Content-Type), or any body (the v2 protocol's). STEPNET_MAX_UPLOAD_BYTES is enforced from
 Content-Length before anything is read, and again while streaming (a chunked body has no length),
-so an oversized body is never read whole."""
+so an oversized body is never read whole.
+
+Bodies are taken as sent: a Content-Encoding other than identity is refused (415) rather than
+ignored, since images are compressed already and a decompressed size is one more limit to keep.
+A client that leaves mid-body raises starlette's ClientDisconnect (a 499 in service.errors)."""
 
 from collections.abc import AsyncIterator
 
@@ -24,14 +28,27 @@ REQUEST_BODY = {"requestBody": {"required": True, "content": {
 }}}
 
 
+def media_type(request: Request) -> str:
+    """The Content-Type without parameters, lower case; "" when there is none."""
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def check_media_type(request: Request, allowed: tuple[str, ...]) -> None:
+    """Refuse (415) a body whose Content-Type is not one of `allowed` ("" for none)."""
+    if media_type(request) not in allowed:
+        shown = " or ".join(a or "none" for a in allowed)
+        raise UnsupportedMediaType(f"Content-Type {request.headers['content-type']!r} is not "
+                                   f"supported here; send {shown}")
+
+
 async def read_image(request: Request, max_bytes: int) -> bytes:
-    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if media_type != "multipart/form-data" and not media_type.startswith("image/"):
-        raise UnsupportedMediaType(f"Content-Type {media_type or '(none)'} is not supported: send the "
+    kind = media_type(request)
+    if kind != "multipart/form-data" and not kind.startswith("image/"):
+        raise UnsupportedMediaType(f"Content-Type {kind or '(none)'} is not supported: send the "
                                    f"image as multipart field '{FIELD}' or as the raw body with an "
                                    f"image/* Content-Type")
-    if media_type == "multipart/form-data":
-        _check_length(request, max_bytes)
+    if kind == "multipart/form-data":
+        _check_headers(request, max_bytes)
         data = await _multipart_file(request, _bounded(request, max_bytes), max_bytes)
     else:
         data = await read_body(request, max_bytes)
@@ -42,13 +59,17 @@ async def read_image(request: Request, max_bytes: int) -> bytes:
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
     """The whole body, refused (413) as soon as it is known to exceed max_bytes."""
-    _check_length(request, max_bytes)
+    _check_headers(request, max_bytes)
     return b"".join([chunk async for chunk in _bounded(request, max_bytes)])
 
 
-def _check_length(request: Request, max_bytes: int) -> None:
+def _check_headers(request: Request, max_bytes: int) -> None:
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise UnsupportedMediaType(f"Content-Encoding {encoding} is not supported; send the body "
+                                   f"uncompressed")
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > max_bytes:
+    if length is not None and length.isascii() and length.isdigit() and int(length) > max_bytes:
         raise PayloadTooLarge(f"the body is {length} bytes; the limit is {max_bytes} "
                               f"(STEPNET_MAX_UPLOAD_BYTES)")
 

@@ -4,8 +4,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIN_ADMIN_KEY_LENGTH = 16
 
 
 def cpu_count() -> int:
@@ -29,8 +31,10 @@ class Settings(BaseSettings):
                                                   "an older one is unloaded once newer ones serve")
     repository_poll_s: float = Field(0.0, ge=0, description="seconds between scans of the repository for "
                                                             "new or re-exported versions; 0: no polling")
-    admin_key: SecretStr | None = Field(None, description="bearer token of POST /v2/repository/models/"
-                                                          "{model}/load and /unload; unset: they are off")
+    admin_key: SecretStr | None = Field(None, description=f"bearer token of POST /v2/repository/models/"
+                                                          f"{{model}}/load and /unload, at least "
+                                                          f"{MIN_ADMIN_KEY_LENGTH} characters; unset: they "
+                                                          f"are off")
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: the CUDA provider when it really loads, else the CPU provider")
     variant: Literal["fp32", "fp16", "int8"] = Field(
@@ -48,8 +52,16 @@ class Settings(BaseSettings):
                               "pre-processed or queued); beyond it: 503 with Retry-After")
     request_timeout_s: float = Field(10.0, gt=0, description="beyond it: 504, and the work is dropped")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest request body: 413")
-    max_image_pixels: int = Field(40_000_000, ge=1,
-                                  description="largest width x height an image header may declare: 413")
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="largest width x height an image header may declare: 413 (a "
+                                       "12 Mpx phone photo passes; what a decode costs: docs/hardening.md)")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024,
+                                  description="largest request line plus headers: beyond it 431 and "
+                                              "the connection closes")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection that has not sent a whole "
+                                                            "request head within it is closed (408)")
+    max_connections: int = Field(1000, ge=1, description="open HTTP connections; beyond it a new one "
+                                                         "gets 503 and is closed")
     preprocess_threads: int = Field(default_factory=cpu_count, ge=1,
                                     description="threads decoding and pre-processing images")
     intra_op_threads: int = Field(default_factory=cpu_count, ge=1,
@@ -60,3 +72,20 @@ class Settings(BaseSettings):
                                       description="on SIGTERM, longest wait for requests in flight")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
+
+    @field_validator("admin_key", mode="before")
+    @classmethod
+    def _admin_key(cls, key):
+        """Empty: admin endpoints off, as unset. A guessable key is refused at start-up."""
+        value = key.get_secret_value() if isinstance(key, SecretStr) else key
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str) or value != value.strip() or len(value) < MIN_ADMIN_KEY_LENGTH:
+            raise ValueError(f"the admin key must be at least {MIN_ADMIN_KEY_LENGTH} characters, "
+                             f"without leading or trailing whitespace (`openssl rand -hex 32` makes one)")
+        return key
+
+    @property
+    def max_request_rows(self) -> int:
+        """Images or rows one request may carry: a batch never holds more than the queue admits."""
+        return min(self.max_batch_size, self.max_queue_size)

@@ -60,21 +60,21 @@ def model_metadata(meta: ModelMetadata, versions: list[int]) -> ModelMetadataRes
 
 # ---------------------------------------------------------------- requests
 
-def decode_request(body: bytes, header_length: str | None, meta: ModelMetadata, max_batch_size: int) -> Decoded:
+def decode_request(body: bytes, header_length: str | None, meta: ModelMetadata, max_rows: int) -> Decoded:
     """Raises BadRequest (or EmptyBody) with the reason for anything the request gets wrong."""
     text, binary = _split(body, header_length)
-    try:
-        request = InferRequest.model_validate(json.loads(text))
-    except ValueError as exc:          # JSON, UTF-8 and pydantic errors
+    try:       # pydantic's JSON parser bounds the nesting depth (json.loads recurses until it fails)
+        request = InferRequest.model_validate_json(text)
+    except ValueError as exc:          # JSON, UTF-8, depth and pydantic errors
         raise BadRequest(f"invalid inference request: {_reason(exc)}") from None
     if len(request.inputs) != 1:
         raise BadRequest(f"send exactly one input ({meta.input.name} or {IMAGE_INPUT}); got "
                          f"{len(request.inputs)}")
     tensor, blob = request.inputs[0], _binary_inputs(request.inputs, binary)[0]
     if tensor.name == meta.input.name:
-        return Decoded(request, _fp32(tensor, blob, meta, max_batch_size), None, _outputs(request))
+        return Decoded(request, _fp32(tensor, blob, meta, max_rows), None, _outputs(request))
     if tensor.name == IMAGE_INPUT:
-        return Decoded(request, None, _images(tensor, blob, max_batch_size), _outputs(request))
+        return Decoded(request, None, _images(tensor, blob, max_rows), _outputs(request))
     c, h, w = meta.input.shape
     raise BadRequest(f"unknown input {tensor.name!r}: this model takes {meta.input.name} (FP32 "
                      f"[B, {c}, {h}, {w}]) or {IMAGE_INPUT} (BYTES [B], encoded images)")
@@ -124,43 +124,55 @@ def _binary_inputs(inputs: list[RequestInput], binary: bytes) -> list[bytes | No
     return blobs
 
 
-def _batch(name: str, size: int, max_batch_size: int) -> int:
-    if not 1 <= size <= max_batch_size:
-        raise BadRequest(f"input {name}: batch size {size}; this server takes 1 to {max_batch_size} "
-                         f"per request (STEPNET_MAX_BATCH_SIZE)")
+def _batch(name: str, size: int, max_rows: int) -> int:
+    if not 1 <= size <= max_rows:
+        raise BadRequest(f"input {name}: batch size {size}; this server takes 1 to {max_rows} "
+                         f"per request (the smaller of STEPNET_MAX_BATCH_SIZE and "
+                         f"STEPNET_MAX_QUEUE_SIZE)")
     return size
 
 
-def _fp32(tensor: RequestInput, blob: bytes | None, meta: ModelMetadata, max_batch_size: int) -> np.ndarray:
+def _fp32(tensor: RequestInput, blob: bytes | None, meta: ModelMetadata, max_rows: int) -> np.ndarray:
     c, h, w = meta.input.shape
     if tensor.datatype != "FP32":
         raise BadRequest(f"input {tensor.name}: datatype {tensor.datatype}; expected FP32")
     if len(tensor.shape) != 4 or tuple(tensor.shape[1:]) != (c, h, w):
         raise BadRequest(f"input {tensor.name}: shape {tensor.shape}; expected [B, {c}, {h}, {w}]")
-    _batch(tensor.name, tensor.shape[0], max_batch_size)
+    _batch(tensor.name, tensor.shape[0], max_rows)
     count = math.prod(tensor.shape)
     if blob is not None:
         if len(blob) != 4 * count:
             raise BadRequest(f"input {tensor.name}: {len(blob)} bytes of binary data; shape "
                              f"{tensor.shape} in FP32 is {4 * count}")
-        return np.frombuffer(blob, "<f4").reshape(tensor.shape)
+        return _finite(tensor.name, np.frombuffer(blob, "<f4").reshape(tensor.shape))
     if tensor.data is None:
         raise BadRequest(f"input {tensor.name}: neither data nor parameters.binary_data_size")
     try:
-        values = np.asarray(tensor.data, dtype=np.float32)
+        with np.errstate(over="ignore"):          # 1e308 becomes inf, refused just below
+            values = np.asarray(tensor.data, dtype=np.float32)
     except (ValueError, TypeError):
         raise BadRequest(f"input {tensor.name}: data must be numbers (flat or nested, not ragged)") from None
     if values.size != count:
         raise BadRequest(f"input {tensor.name}: {values.size} values; shape {tensor.shape} holds {count}")
-    return values.reshape(tensor.shape)
+    return _finite(tensor.name, values.reshape(tensor.shape))
 
 
-def _images(tensor: RequestInput, blob: bytes | None, max_batch_size: int) -> list[bytes]:
+def _finite(name: str, values: np.ndarray) -> np.ndarray:
+    """NaN, null and values beyond float32's range would give NaN outputs and blind the live
+    statistics: refused."""
+    bad = values.size - int(np.isfinite(values).sum())
+    if bad:
+        raise BadRequest(f"input {name}: {bad} value(s) are not finite float32 numbers (NaN, null, "
+                         f"or beyond +-3.4e38)")
+    return values
+
+
+def _images(tensor: RequestInput, blob: bytes | None, max_rows: int) -> list[bytes]:
     if tensor.datatype != "BYTES":
         raise BadRequest(f"input {IMAGE_INPUT}: datatype {tensor.datatype}; expected BYTES")
     if len(tensor.shape) != 1:
         raise BadRequest(f"input {IMAGE_INPUT}: shape {tensor.shape}; expected [B]")
-    batch = _batch(IMAGE_INPUT, tensor.shape[0], max_batch_size)
+    batch = _batch(IMAGE_INPUT, tensor.shape[0], max_rows)
     if blob is not None:
         images = _unpack_bytes(blob, batch)
     elif tensor.data is None:

@@ -3,7 +3,7 @@
 
 from typing import Any, Annotated
 
-from pydantic import BaseModel, Field, StrictInt
+from pydantic import BaseModel, Field, StrictBool, StrictInt
 
 
 class ServerMetadata(BaseModel):
@@ -79,7 +79,7 @@ class InferResponse(BaseModel):
 
 
 class IndexRequest(BaseModel):
-    ready: bool = Field(False, description="list only the versions that are ready")
+    ready: StrictBool = Field(False, description="list only the versions that are ready")
 
 
 class IndexEntry(BaseModel):

@@ -54,6 +54,11 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def rss_mb(self) -> float:
+        """The server process's resident memory."""
+        with open(f"/proc/{self.proc.pid}/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> "Server":
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

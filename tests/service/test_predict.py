@@ -91,6 +91,10 @@ def _formats(digit: np.ndarray, other: np.ndarray, encode) -> dict[str, tuple[by
     rgba.putalpha(big)                                   # white ink, alpha = ink: over black it is the digit
     sixteen = Image.fromarray(np.asarray(big, np.uint16) * 257)
     assert sixteen.mode == "I;16"
+    int32 = Image.fromarray(np.asarray(big, np.int32))                 # 8-bit values in 32 bits
+    wide = Image.fromarray(np.asarray(big, np.int32) * (1 << 23))      # the whole int32 range
+    floats = Image.fromarray(np.asarray(big, np.float32) / 255.0)      # 0..1
+    assert (int32.mode, wide.mode, floats.mode) == ("I", "I", "F")
     gif = io_gif(big, _upscaled(other), encode)
     return {
         "png grayscale": (encode(big), None),
@@ -104,6 +108,9 @@ def _formats(digit: np.ndarray, other: np.ndarray, encode) -> dict[str, tuple[by
         "jpeg cmyk": (encode(rgb.convert("CMYK"), "JPEG", quality=95), None),
         "tiff cmyk": (encode(rgb.convert("CMYK"), "TIFF"), None),
         "tiff": (encode(big, "TIFF"), "image/tiff"),
+        "tiff 32-bit, 8-bit values": (encode(int32, "TIFF"), None),
+        "tiff 32-bit, full range": (encode(wide, "TIFF"), None),
+        "tiff float": (encode(floats, "TIFF"), "image/tiff"),
         "webp": (encode(rgb, "WEBP", lossless=True), "image/webp"),
         "gif first frame": (gif, "image/gif"),
         "bmp": (encode(rgb, "BMP"), "image/bmp"),

@@ -9,10 +9,10 @@ from fastapi import APIRouter, Query, Request
 
 from service.api.deps import ServedModelDep, SettingsDep, deadline
 from service.api.upload import REQUEST_BODY, read_image
-from service.errors import (BadRequest, EmptyBody, ImageTooLarge, InferenceFailed, InvalidImage,
-                            InvalidParameter, MissingFile, ModelNotFound, NotReady, Overloaded,
-                            PayloadTooLarge, RequestTimeout, ShuttingDown, UnsupportedMediaType,
-                            VersionNotFound, error_responses)
+from service.errors import (BadRequest, BodyTimeout, EmptyBody, ImageTooLarge, InferenceFailed,
+                            InvalidImage, InvalidParameter, MissingFile, ModelNotFound, NotReady,
+                            Overloaded, PayloadTooLarge, RequestTimeout, ShuttingDown,
+                            UnsupportedMediaType, VersionNotFound, error_responses)
 from service.metadata import Layer
 from service.postprocess import softmax
 from service.schemas import LayerDiagnostics, Prediction, PredictResponse, StepSize, Timing
@@ -27,14 +27,15 @@ TopK = Annotated[int, Query(ge=1, le=1000, description="how many classes to retu
              responses=error_responses(BadRequest, EmptyBody, MissingFile, ModelNotFound, VersionNotFound,
                                        PayloadTooLarge, ImageTooLarge, UnsupportedMediaType, InvalidImage,
                                        InvalidParameter, InferenceFailed, Overloaded, NotReady, ShuttingDown,
-                                       RequestTimeout))
+                                       BodyTimeout, RequestTimeout))
 async def predict(request: Request, served: ServedModelDep, settings: SettingsDep,
                   top_k: TopK = 5) -> PredictResponse:
     """Classify one image and report, per residual block, the step size the adaptor chose and
     the block's neural stiffness index (DESIGN 1.3)."""
     started = time.perf_counter()
-    async with deadline(settings.request_timeout_s):
+    async with deadline(settings.request_timeout_s) as request_deadline:
         data = await read_image(request, settings.max_upload_bytes)
+        request_deadline.received()
         result, preprocess_s = await served.infer_image(data)
     logits, step_size, nsi = result.outputs              # (K,), (L, 3), (L,)
     meta = served.meta

@@ -3,26 +3,29 @@ and loading and unloading models. Load and unload need `Authorization: Bearer <S
 and are off (403) when no key is configured."""
 
 import asyncio
-import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from pydantic_core import from_json
 
 from service.api.deps import RepositoryDep, SettingsDep, require_admin
 from service.api.routes.v2 import ModelName
-from service.api.upload import read_body
-from service.errors import (AdminDisabled, BadRequest, ModelLoadError, ModelNotFound, NotReady,
-                            PayloadTooLarge, Unauthorized, VersionNotFound, protocol_error_responses)
+from service.api.upload import check_media_type, read_body
+from service.errors import (AdminDisabled, BadRequest, BodyTimeout, ModelLoadError, ModelNotFound,
+                            NotReady, PayloadTooLarge, Unauthorized, UnsupportedMediaType,
+                            VersionNotFound, protocol_error_responses)
 from service.protocol.schemas import IndexEntry, IndexRequest, RepositoryRequest, inline_schema
 from service.repository import FAILED, LOADING, READY, UNLOADED, UNLOADING, Repository
+from stepnet.repository import parse_version
 
 router = APIRouter(tags=["open inference protocol (v2)"])
 
 STATES = {READY: "READY", LOADING: "LOADING", UNLOADING: "UNLOADING", FAILED: "UNAVAILABLE",
           UNLOADED: "UNAVAILABLE"}
 ADMIN_ERRORS = protocol_error_responses(BadRequest, ModelLoadError, Unauthorized, AdminDisabled,
-                                        ModelNotFound, VersionNotFound, PayloadTooLarge, NotReady)
-INDEX_ERRORS = protocol_error_responses(BadRequest, PayloadTooLarge, NotReady)
+                                        ModelNotFound, VersionNotFound, PayloadTooLarge,
+                                        UnsupportedMediaType, BodyTimeout, NotReady)
+INDEX_ERRORS = protocol_error_responses(BadRequest, PayloadTooLarge, UnsupportedMediaType, NotReady)
 
 
 def _body_schema(model) -> dict:
@@ -31,12 +34,13 @@ def _body_schema(model) -> dict:
 
 
 async def _json_body(request: Request, max_bytes: int) -> dict[str, Any]:
-    """The optional JSON object of a repository request (empty body: {})."""
+    """The optional JSON object of a repository request (no body: {})."""
+    check_media_type(request, ("", "application/json"))
     body = await read_body(request, max_bytes)
-    if not body.strip():
+    if not body:
         return {}
-    try:
-        value = json.loads(body)
+    try:       # pydantic's parser bounds the nesting depth; json.loads would recurse until it fails
+        value = from_json(body)
     except ValueError as exc:
         raise BadRequest(f"the body is not JSON: {exc}") from None
     if not isinstance(value, dict):
@@ -57,9 +61,9 @@ async def _entries(repository: Repository, name: str | None = None) -> list[Inde
             for s in await repository.index() if name is None or s.name == name]
 
 
-@router.get("/v2/repository/index", response_model=list[IndexEntry], responses=INDEX_ERRORS)
-@router.post("/v2/repository/index", response_model=list[IndexEntry],
-             openapi_extra=_body_schema(IndexRequest), responses=INDEX_ERRORS)
+# one route for both methods, so that a 405 lists them both in Allow
+@router.api_route("/v2/repository/index", methods=["GET", "POST"], response_model=list[IndexEntry],
+                  openapi_extra=_body_schema(IndexRequest), responses=INDEX_ERRORS)
 async def index(request: Request, repository: RepositoryDep, settings: SettingsDep) -> list[IndexEntry]:
     """Every model and version in the repository or in this process, with its state."""
     try:
@@ -97,8 +101,10 @@ async def unload(request: Request, model_name: ModelName, repository: Repository
     Requests in flight on it finish first."""
     version = _parameters(await _json_body(request, settings.max_upload_bytes)).get("version")
     if version is not None:
-        if not str(version).isdigit() or str(version)[0] == "0":
-            raise BadRequest(f"parameters.version {version!r} is not a positive integer")
-        version = int(version)
+        text = str(version) if type(version) is int else version      # "2" or 2, never true or 2.0
+        try:
+            version = parse_version(text)
+        except ValueError as exc:
+            raise BadRequest(f"parameters.version: {exc}") from None
     await repository.unload(model_name, version)
     return await _entries(repository, model_name)

@@ -13,23 +13,26 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import JSONResponse
 
 from service.api.deps import RepositoryDep, SettingsDep, deadline
-from service.api.upload import read_body
-from service.errors import (BadRequest, EmptyBody, ImageTooLarge, InferenceFailed, InvalidImage,
-                            ModelNotFound, NotReady, Overloaded, PayloadTooLarge, RequestTimeout,
-                            ShuttingDown, UnsupportedMediaType, VersionNotFound,
-                            protocol_error_responses)
+from service.api.upload import check_media_type, read_body
+from service.errors import (BadRequest, BodyTimeout, EmptyBody, ImageTooLarge, InferenceFailed,
+                            InvalidImage, ModelNotFound, NotReady, Overloaded, PayloadTooLarge,
+                            ProtocolErrorResponse, RequestTimeout, ShuttingDown,
+                            UnsupportedMediaType, VersionNotFound, protocol_error_responses)
 from service.protocol.codec import HEADER_LENGTH, decode_request, encode_response, model_metadata
 from service.protocol.schemas import (InferRequest, InferResponse, Live, ModelMetadataResponse,
                                       ModelReady, Ready, ServerMetadata, inline_schema)
 from service.repository import READY, Repository
 from service.served import ServedModel
 from stepnet import __version__
+from stepnet.repository import VERSION_PATTERN, VERSION_RULE, parse_version
 
 router = APIRouter(tags=["open inference protocol (v2)"])
 
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 ModelName = Annotated[str, Path(description="model name")]
-ModelVersion = Annotated[str, Path(description="model version, a positive integer")]
+ModelVersion = Annotated[str, Path(pattern=VERSION_PATTERN, description=f"model version, {VERSION_RULE}")]
+# JSON, the binary tensor data extension, or no Content-Type at all (tritonclient sends none)
+INFER_MEDIA_TYPES = ("", "application/json", "application/octet-stream")
 
 INFER_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": inline_schema(InferRequest)},
@@ -39,14 +42,9 @@ INFER_BODY = {"requestBody": {"required": True, "content": {
 }}}
 INFER_ERRORS = protocol_error_responses(
     BadRequest, EmptyBody, InvalidImage, UnsupportedMediaType, ModelNotFound, VersionNotFound,
-    PayloadTooLarge, ImageTooLarge, InferenceFailed, Overloaded, NotReady, ShuttingDown, RequestTimeout)
+    PayloadTooLarge, ImageTooLarge, InferenceFailed, Overloaded, NotReady, ShuttingDown, BodyTimeout,
+    RequestTimeout)
 MODEL_ERRORS = protocol_error_responses(BadRequest, ModelNotFound, VersionNotFound, NotReady)
-
-
-def _version(text: str) -> int:
-    if not (text.isdigit() and text[0] != "0"):
-        raise BadRequest(f"model version {text!r} is not a positive integer")
-    return int(text)
 
 
 async def _latest(repository: RepositoryDep, model_name: ModelName) -> AsyncIterator[ServedModel]:
@@ -56,7 +54,7 @@ async def _latest(repository: RepositoryDep, model_name: ModelName) -> AsyncIter
 
 async def _versioned(repository: RepositoryDep, model_name: ModelName,
                      model_version: ModelVersion) -> AsyncIterator[ServedModel]:
-    with repository.get(model_name, _version(model_version)).lease() as served:
+    with repository.get(model_name, parse_version(model_version)).lease() as served:
         yield served
 
 
@@ -101,7 +99,8 @@ def _ready(repository: Repository, name: str, version: int | None) -> JSONRespon
 
 
 READY_RESPONSES = {**MODEL_ERRORS, 200: {"model": ModelReady},
-                   400: {"model": ModelReady, "description": "loading, failed or unloaded"}}
+                   400: {"model": ModelReady | ProtocolErrorResponse,
+                         "description": "loading, failed or unloaded (ModelReady), or a bad request"}}
 
 
 @router.get("/v2/models/{model_name}/ready", response_model=ModelReady, responses=READY_RESPONSES)
@@ -115,7 +114,7 @@ async def model_ready(repository: RepositoryDep, model_name: ModelName) -> JSONR
             responses=READY_RESPONSES)
 async def model_version_ready(repository: RepositoryDep, model_name: ModelName,
                               model_version: ModelVersion) -> JSONResponse:
-    return _ready(repository, model_name, _version(model_version))
+    return _ready(repository, model_name, parse_version(model_version))
 
 
 @router.post("/v2/models/{model_name}/infer", response_class=Response, response_model=InferResponse,
@@ -133,13 +132,12 @@ async def infer_version(request: Request, served: VersionedDep, settings: Settin
 
 
 async def _infer(request: Request, served: ServedModel, settings) -> Response:
-    if request.headers.get("content-encoding", "identity").lower() != "identity":
-        raise UnsupportedMediaType(f"Content-Encoding {request.headers['content-encoding']} is not "
-                                   f"supported; send the body uncompressed")
-    async with deadline(settings.request_timeout_s):
+    check_media_type(request, INFER_MEDIA_TYPES)
+    async with deadline(settings.request_timeout_s) as request_deadline:
         body = await read_body(request, settings.max_upload_bytes)
+        request_deadline.received()
         decoded = await asyncio.to_thread(decode_request, body, request.headers.get(HEADER_LENGTH),
-                                          served.meta, settings.max_batch_size)
+                                          served.meta, settings.max_request_rows)
         if decoded.images is not None:
             results, _ = await served.infer_images(decoded.images)
         else:
