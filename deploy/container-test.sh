@@ -219,6 +219,14 @@ check_image() {
 
 # --- 5. compose ---------------------------------------------------------------------------------
 check_compose_files() {
+    log "checking that both compose files refuse to start without GRAFANA_ADMIN_PASSWORD"
+    for file in docker-compose.yml "$CPU_COMPOSE"; do
+        if env -u GRAFANA_ADMIN_PASSWORD docker-compose -f "$file" config >/dev/null 2>"$WORK/nopass.log"; then
+            die "$file starts without GRAFANA_ADMIN_PASSWORD"
+        fi
+        grep -q GRAFANA_ADMIN_PASSWORD "$WORK/nopass.log" || die "$file: no message naming GRAFANA_ADMIN_PASSWORD"
+    done
+    export GRAFANA_ADMIN_PASSWORD=container-test-password
     log "validating docker-compose.yml and $CPU_COMPOSE with docker-compose config"
     bounded 60 docker-compose -f docker-compose.yml config >"$WORK/gpu.yml" || die "docker-compose.yml is invalid"
     bounded 60 docker-compose -f "$CPU_COMPOSE" config >"$WORK/cpu.yml" || die "$CPU_COMPOSE is invalid"
