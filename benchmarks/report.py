@@ -105,6 +105,16 @@ def markdown(results: dict, plots: list[str]) -> str:
                       "server timing is what the service reports in each response (`timing_ms`)."]
         lines += ["", f"Raw session.run batch 1: p50 {_ms(raw['batches']['1']['p50_ms'])} ms, "
                       f"p95 {_ms(raw['batches']['1']['p95_ms'])} ms."]
+    if results.get("http"):
+        http = results["http"]
+        lines += ["", "## HTTP layer: the connection limits' cost (digits, concurrency 1)", "",
+                  "Three servers on one repository, requests taking turns between them "
+                  "(benchmarks/http_layer.py).", ""]
+        rows = [[label, str(row["reps"]), _ms(row["p50_ms"]), _ms(row["p95_ms"]), _ms(row["p99_ms"])]
+                for label, row in http.items() if isinstance(row, dict)]
+        lines += _table(["server", "requests", "p50 ms", "p95 ms", "p99 ms"], rows)
+        lines += ["", f"p50 with the limits minus plain httptools: {http['limits_minus_plain_p50_ms']:+.2f} ms; "
+                      f"h11 minus httptools: {http['h11_minus_plain_p50_ms']:+.2f} ms."]
     if results["profiles"]:
         lines += ["", "## Where ONNX Runtime spends its time (profiler, batch 8, kernel time "
                       "share per op type)", ""]

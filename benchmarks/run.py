@@ -35,20 +35,21 @@ class BenchSettings:
     raw_budget: Budget
     gpu_batches: tuple[int, ...]
     gpu_budget: Budget
+    http_requests: int               # per server, in the HTTP layer part
 
     @classmethod
     def full(cls) -> "BenchSettings":
         return cls("full", (1, 8, 32), Budget(warmup=1, seconds=5.0, min_reps=2, max_reps=40),
                    (1, 8), Budget(warmup=1, seconds=6.0, min_reps=3, max_reps=60),
                    (1, 4, 16), 15.0, 16, 2000, Budget(warmup=1, seconds=5.0, min_reps=3, max_reps=60),
-                   (1, 8, 32, 128), Budget(warmup=3, seconds=3.0, min_reps=5, max_reps=200))
+                   (1, 8, 32, 128), Budget(warmup=3, seconds=3.0, min_reps=5, max_reps=200), 1000)
 
     @classmethod
     def quick(cls) -> "BenchSettings":
         return cls("quick", (1, 8), Budget(warmup=1, seconds=0.2, min_reps=2, max_reps=5),
                    (1,), Budget(warmup=1, seconds=0.2, min_reps=2, max_reps=5),
                    (1, 4), 1.0, 8, 40, Budget(warmup=1, seconds=0.2, min_reps=2, max_reps=5),
-                   (1, 2), Budget(warmup=1, seconds=0.2, min_reps=2, max_reps=5))
+                   (1, 2), Budget(warmup=1, seconds=0.2, min_reps=2, max_reps=5), 20)
 
 
 # (key, description, model, how to read the figure, limit, higher is better)
@@ -131,7 +132,7 @@ def run(settings: BenchSettings, models: tuple[str, ...], parts: tuple[str, ...]
             timespec="seconds"), "settings": {**asdict(settings), "threads": threads,
                                               "models": list(models), "parts": list(parts)},
                    "load_average_start": load_start, "quiet_wait": waited,
-                   "model": {}, "diagnostics": {}, "profiles": {}, "service": {}}
+                   "model": {}, "diagnostics": {}, "profiles": {}, "service": {}, "http": None}
         benches = {}
         for name in models:
             benches[name] = getattr(model_bench, name)()
@@ -158,6 +159,12 @@ def run(settings: BenchSettings, models: tuple[str, ...], parts: tuple[str, ...]
                         name, version, settings.concurrencies, settings.load_seconds,
                         settings.load_min_requests, settings.load_max_requests,
                         settings.raw_budget, threads, tmp)
+        if "http" in parts:
+            from benchmarks.http_layer import http_layer
+
+            with tempfile.TemporaryDirectory(prefix="stepnet-bench-") as tmp:
+                results["http"] = http_layer(service.digits_version(Path(tmp) / "repo"),
+                                             settings.http_requests, Path(tmp))
         if "gpu" in parts:
             from benchmarks import gpu
 

@@ -33,7 +33,7 @@ from service.preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
 MAX_BATCH_SIZE = 8        # the service's default STEPNET_MAX_BATCH_SIZE
-MAX_PIXELS = 40_000_000
+MAX_PIXELS = 4096 * 4096   # the service's default STEPNET_MAX_IMAGE_PIXELS
 
 
 def stepnet50_version(root: Path, bench: BenchModel) -> Path:
@@ -140,16 +140,22 @@ def _free_port() -> int:
 
 
 class Server:
-    """`stepnet serve` in a child process, with the service's default settings."""
+    """`stepnet serve` in a child process, with the service's default settings; or, with `uvicorn`
+    set to an HTTP protocol name, the same app under uvicorn's own command and that protocol."""
 
-    def __init__(self, repository: Path, log_path: Path, env: dict | None = None):
+    def __init__(self, repository: Path, log_path: Path, env: dict | None = None,
+                 uvicorn: str | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_file = open(log_path, "wb")
+        address = ["--host", "127.0.0.1", "--port", str(self.port)]
+        command = ([sys.executable, "-m", "uvicorn", "service.main:app", "--http", uvicorn, "--loop",
+                    "uvloop", *address] if uvicorn else
+                   [sys.executable, "-m", "stepnet.cli", "serve", "--model-repository", str(repository),
+                    *address])
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "stepnet.cli", "serve", "--model-repository", str(repository),
-             "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=self.log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+            command, stdout=self.log_file, stderr=subprocess.STDOUT,
+            env={**os.environ, "STEPNET_MODEL_REPOSITORY": str(repository), **(env or {})})
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout

@@ -57,6 +57,17 @@ def test_diagnostics_and_service_parts(quick_run):
     assert {"jpeg", "png"} <= set(service["raw"]["preprocess"])
 
 
+def test_http_layer_part(quick_run):
+    _, results, path = quick_run
+    http = results["http"]
+    servers = {label: row for label, row in http.items() if isinstance(row, dict)}
+    assert set(servers) == {"stepnet serve (httptools + limits)", "uvicorn httptools", "uvicorn h11"}
+    assert all(row["reps"] == 20 for row in servers.values())
+    assert http["limits_minus_plain_p50_ms"] == pytest.approx(
+        servers["stepnet serve (httptools + limits)"]["p50_ms"] - servers["uvicorn httptools"]["p50_ms"])
+    assert "## HTTP layer" in path.with_suffix(".md").read_text()
+
+
 def test_targets_and_report_files(quick_run):
     out, results, path = quick_run
     keys = {t["key"] for t in results["targets"]}
