@@ -55,7 +55,7 @@ test: $(STAMP)
 fuzz: $(STAMP)
 	FUZZ_MAX_TIME_S=$${FUZZ_MAX_TIME_S:-600} FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-1000} \
 		FUZZ_PHASES=examples,coverage,fuzzing,stateful \
-		$(BIN)/python -m pytest tests/service/test_schema_fuzz.py -p no:cacheprovider
+		$(BIN)/python -m pytest tests/service/test_schema_fuzz.py -p no:cacheprovider -s
 
 # Builds and runs the Dockerfile with Podman (as root; installs what it needs): deploy/container-test.sh.
 # About 7 minutes on a fresh machine, 1 minute when rerun; not part of `test` (docs/deploy.md).

@@ -111,6 +111,7 @@ def serve(settings: Settings) -> None:
     limits = ConnectionLimits(settings.max_header_bytes, settings.header_timeout_s, settings.max_connections)
     uvicorn.run(app, host=settings.host, port=settings.port,
                 http=guarded_protocol(limits, app.state.metrics), loop="uvloop",
+                ws="none",                      # no WebSocket routes: upgrade requests are not taken
                 log_level=settings.log_level, access_log=settings.access_log,
                 timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s))
 

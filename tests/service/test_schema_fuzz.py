@@ -37,6 +37,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(fuzzed, tmp_p
          "--generation-database", "none", "--request-timeout", "20", "--no-color"],
         capture_output=True, text=True, timeout=(MAX_TIME_S or 300) + 60, cwd=tmp_path)
     summary = result.stdout[-6000:]
+    print(summary[summary.rfind("SUMMARY") - 40:])        # shown by `make fuzz` (pytest -s)
     assert result.returncode == 0, summary
     assert "Test cases:" in summary and "failure" not in summary.split("SUMMARY")[-1], summary
     assert fuzzed.proc.poll() is None
