@@ -115,6 +115,8 @@ def markdown(results: dict, plots: list[str]) -> str:
         lines += _table(["server", "requests", "p50 ms", "p95 ms", "p99 ms"], rows)
         lines += ["", f"p50 with the limits minus plain httptools: {http['limits_minus_plain_p50_ms']:+.2f} ms; "
                       f"h11 minus httptools: {http['h11_minus_plain_p50_ms']:+.2f} ms."]
+    if results.get("train"):
+        lines += _training(results["train"])
     if results["profiles"]:
         lines += ["", "## Where ONNX Runtime spends its time (profiler, batch 8, kernel time "
                       "share per op type)", ""]
@@ -128,6 +130,24 @@ def markdown(results: dict, plots: list[str]) -> str:
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _training(part: dict) -> list[str]:
+    lines = ["", f"## Training throughput ({part['device']}, {part['threads']} threads; synthetic data)", "",
+             f"Full SGD steps, steps taking turns between the models (benchmarks/training.py); batch "
+             f"{part['batch_224']} at 224x224, 64 for digits.", ""]
+    rows = []
+    for precision, row in part["models"].items():
+        rows.append([precision, f"{row['stepnet50']['throughput']:.1f}", f"{row['resnet50']['throughput']:.1f}",
+                     f"{row['stepnet50_vs_resnet50']:.2f}", f"{row['digits']['throughput']:.0f}",
+                     f"{row.get('peak_memory_bytes', 0) / 2**30:.1f}" if "peak_memory_bytes" in row else "-"])
+    lines += _table(["precision", "StepNet-50 img/s", "ResNet-50 img/s", "StepNet / ResNet",
+                     "digits img/s", "peak GPU memory GiB"], rows)
+    ddp = part["ddp_cpu"]
+    lines += ["", "`stepnet train` on digits, global batch 64, CPU (real data loading): "
+              + "; ".join(f"{n} process(es) {row['images_per_s']:.0f} img/s (data wait "
+                          f"{100 * row['data_wait_fraction']:.0f} %)" for n, row in ddp.items()) + "."]
+    return lines
 
 
 def _gpu(part: dict) -> list[str]:

@@ -36,20 +36,26 @@ class BenchSettings:
     gpu_batches: tuple[int, ...]
     gpu_budget: Budget
     http_requests: int               # per server, in the HTTP layer part
+    train_batch: int                 # StepNet-50 / ResNet-50 training batch on the CPU (128 on a GPU)
+    train_budget: Budget
+    ddp_epochs: int                  # `stepnet train` on digits with 1 and 2 processes
+    ddp_images: int
 
     @classmethod
     def full(cls) -> "BenchSettings":
         return cls("full", (1, 8, 32), Budget(warmup=1, seconds=5.0, min_reps=2, max_reps=40),
                    (1, 8), Budget(warmup=1, seconds=6.0, min_reps=3, max_reps=60),
                    (1, 4, 16), 15.0, 16, 2000, Budget(warmup=1, seconds=5.0, min_reps=3, max_reps=60),
-                   (1, 8, 32, 128), Budget(warmup=3, seconds=3.0, min_reps=5, max_reps=200), 1000)
+                   (1, 8, 32, 128), Budget(warmup=3, seconds=3.0, min_reps=5, max_reps=200), 1000,
+                   8, Budget(warmup=1, seconds=8.0, min_reps=3, max_reps=20), 2, 1024)
 
     @classmethod
     def quick(cls) -> "BenchSettings":
         return cls("quick", (1, 8), Budget(warmup=1, seconds=0.2, min_reps=2, max_reps=5),
                    (1,), Budget(warmup=1, seconds=0.2, min_reps=2, max_reps=5),
                    (1, 4), 1.0, 8, 40, Budget(warmup=1, seconds=0.2, min_reps=2, max_reps=5),
-                   (1, 2), Budget(warmup=1, seconds=0.2, min_reps=2, max_reps=5), 20)
+                   (1, 2), Budget(warmup=1, seconds=0.2, min_reps=2, max_reps=5), 20,
+                   2, Budget(warmup=1, seconds=0.1, min_reps=1, max_reps=1), 1, 128)
 
 
 # (key, description, model, how to read the figure, limit, higher is better)
@@ -68,6 +74,8 @@ TARGETS = (
      "concurrency 4", "stepnet50", 0.85, True),
     ("service_p50_minus_raw_c1_ms", "service p50 - raw session.run p50 (ms), concurrency 1",
      "stepnet50", 3.0, False),
+    ("train_stepnet50_vs_resnet50", "training images/s, StepNet-50 / torchvision ResNet-50, fp32 "
+     "(issue 12)", "stepnet50", 0.85, True),
 )
 
 
@@ -89,7 +97,9 @@ def _figure(key: str, model: str, results: dict) -> float | None:
             return results["service"][model]["load"]["4"]["throughput_vs_raw"]
         if key == "service_p50_minus_raw_c1_ms":
             return results["service"][model]["load"]["1"]["p50_minus_raw_p50_ms"]
-    except KeyError:
+        if key == "train_stepnet50_vs_resnet50":
+            return results["train"]["models"]["fp32"]["stepnet50_vs_resnet50"]
+    except (KeyError, TypeError):
         return None
     raise ValueError(key)
 
@@ -102,6 +112,12 @@ def targets(results: dict) -> list[dict]:
         rows.append({"key": key, "what": what, "model": model, "value": value,
                      "limit": f"{'>=' if higher else '<='} {limit}", "met": met})
     return rows
+
+
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def wait_for_quiet(limit: float, max_wait_s: float = 1200.0, poll_s: float = 30.0) -> dict:
@@ -132,7 +148,8 @@ def run(settings: BenchSettings, models: tuple[str, ...], parts: tuple[str, ...]
             timespec="seconds"), "settings": {**asdict(settings), "threads": threads,
                                               "models": list(models), "parts": list(parts)},
                    "load_average_start": load_start, "quiet_wait": waited,
-                   "model": {}, "diagnostics": {}, "profiles": {}, "service": {}, "http": None}
+                   "model": {}, "diagnostics": {}, "profiles": {}, "service": {}, "http": None,
+                   "train": None}
         benches = {}
         for name in models:
             benches[name] = getattr(model_bench, name)()
@@ -165,6 +182,11 @@ def run(settings: BenchSettings, models: tuple[str, ...], parts: tuple[str, ...]
             with tempfile.TemporaryDirectory(prefix="stepnet-bench-") as tmp:
                 results["http"] = http_layer(service.digits_version(Path(tmp) / "repo"),
                                              settings.http_requests, Path(tmp))
+        if "train" in parts:
+            from benchmarks.training import training_part
+
+            results["train"] = training_part(128 if torch_cuda() else settings.train_batch,
+                                             settings.train_budget, settings.ddp_epochs, settings.ddp_images)
         if "gpu" in parts:
             from benchmarks import gpu
 

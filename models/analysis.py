@@ -308,7 +308,7 @@ class _Runner:
         job = TrainConfig(out=self.folder / key.name, dataset=r.dataset, data_dir=self.cfg.data_dir,
                           family=key.family, depth=r.depth, epochs=r.epochs, batch_size=r.batch_size,
                           lr=r.lr, seed=key.seed, adaptor_blocks=key.blocks, train_images=r.train_images,
-                          force=True, progress=False)
+                          workers=0, force=True, progress=False)   # the pool's processes share the cores
         if self.pool is None:
             self._finished(key, train(job))
             return

@@ -1,32 +1,75 @@
 """`stepnet train` and `stepnet evaluate`. Nothing heavy is imported until a command runs."""
 
+import os
 from pathlib import Path
 
 DATASET_HELP = "digits (embedded, default) | cifar10 | cifar100 | imagefolder"
+# torch.distributed.run's options that `stepnet train` passes through when it launches processes
+LAUNCHER_FLAGS = ("--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-backend",
+                  "--rdzv-id", "--max-restarts")
+
+
+def _train_config(args):
+    from models.train import TrainConfig
+
+    return TrainConfig(out=args.out, dataset=args.dataset, data_dir=args.data_dir, family=args.family,
+                       depth=args.depth, recipe=args.recipe, epochs=args.epochs, batch_size=args.batch_size,
+                       lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                       warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, seed=args.seed,
+                       input_size=args.input_size, workers=args.workers, train_images=args.train_images,
+                       device=args.device, precision=args.precision, compile=args.compile,
+                       sync_bn=args.sync_bn, resume=args.resume, save_every=args.save_every,
+                       force=args.force, progress=not args.quiet)
 
 
 def _cmd_train(args) -> int:
-    from models.train import TrainConfig, train
+    from models.train import train
 
-    cfg = TrainConfig(out=args.out, dataset=args.dataset, data_dir=args.data_dir, family=args.family,
-                      depth=args.depth, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                      seed=args.seed, input_size=args.input_size, workers=args.workers,
-                      train_images=args.train_images, force=args.force, progress=not args.quiet)
+    cfg = _train_config(args)
+    if args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ:
+        return _launch(args, cfg)
     config = train(cfg)
-    print(f"test accuracy {config['test_accuracy']:.4f}; checkpoint written to {args.out}")
+    if config is not None and os.environ.get("RANK", "0") == "0":     # None: SIGTERM, snapshot written
+        print(f"test accuracy {config['test_accuracy']:.4f}; checkpoint written to {args.out}")
     return 0
 
 
+def _launch(args, cfg) -> int:
+    """--nproc-per-node N: check the command here, in one process, then start N of it."""
+    from models import distributed
+    from models.train import prepare
+
+    device, reason = distributed.choose_device(cfg.device)
+    distributed.check_processes(args.nproc_per_node, device)
+    nodes = int(str(args.nnodes or "1").split(":")[-1])
+    prepare(cfg, distributed.Context(device, reason, world_size=args.nproc_per_node * nodes))
+    launcher, command, values = [], [], iter(args.argv)
+    for item in values:
+        flag = item.split("=", 1)[0]
+        if flag not in LAUNCHER_FLAGS:
+            command.append(item)
+            continue
+        value = item.split("=", 1)[1] if "=" in item else next(values)
+        if flag != "--nproc-per-node":
+            launcher += [flag, value]
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, distributed.usable_cores() // args.nproc_per_node)))
+    return distributed.launch(args.nproc_per_node, launcher, command)
+
+
 def _cmd_evaluate(args) -> int:
-    from models import checkpoint, data
+    from models import checkpoint, data, distributed
     from models.train import evaluate
 
+    device, reason = distributed.choose_device(args.device)
+    distributed.check_precision(args.precision, device)
     config = checkpoint.read_config(args.checkpoint)
     dataset = args.dataset or config.get("dataset", "digits")
     test_set, info = data.load(dataset, "test", args.data_dir,
                                input_size=config.get("data", {}).get("input_size"))
     model, _, _ = checkpoint.load(args.checkpoint, expect_classes=len(info.classes))
-    result = evaluate(model, test_set, workers=args.workers)
+    ctx = distributed.Context(device, reason)
+    result = evaluate(model.to(device), test_set, batch_size=args.batch_size, workers=args.workers, ctx=ctx,
+                      precision=args.precision)
     print(f"{dataset} test accuracy: {result['accuracy']:.4f} ({result['samples']} images)")
     print(f"{'layer':<16}{'channels':>9}{'step size':>11}{'NSI':>10}")
     for row in result["layers"]:
@@ -35,25 +78,58 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _device_flags(p) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when torch sees a GPU) | cuda | cpu")
+    p.add_argument("--precision", default="fp32",
+                   help="fp32 | bf16 | fp16 (torch.autocast; fp16 with a GradScaler, CUDA only); the "
+                        "stiffness norms stay float32")
+
+
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a model and write a checkpoint folder",
-                       description="Train StepNet or a baseline. Writes OUT/model.safetensors, "
-                                   "OUT/config.json and OUT/metrics.jsonl (one JSON line per epoch).")
+                       description="Train StepNet or a baseline, on the CPU or GPUs, in one process or "
+                                   "several (torchrun, or --nproc-per-node). Writes OUT/model.safetensors, "
+                                   "OUT/config.json and OUT/metrics.jsonl (one JSON line per epoch); "
+                                   "OUT/snapshot/ while it runs, for --resume.")
     p.add_argument("--dataset", default="digits", help=DATASET_HELP)
     p.add_argument("--data-dir", type=Path, help="folder with the data set (cifar*, imagefolder)")
     p.add_argument("--family", default="stepnet", help="resnet | se | stepnet (default stepnet)")
     p.add_argument("--depth", type=int, default=20,
                    help="CIFAR style 20, 56, 110 (basic), 164 (bottleneck); ImageNet style 18, 34 "
                         "(basic), 50, 101 (bottleneck); default 20")
-    p.add_argument("--epochs", type=int, default=15, help="default 15")
-    p.add_argument("--batch-size", type=int, default=64, help="default 64")
-    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate (default 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="default 0")
     p.add_argument("--input-size", type=int, help="model input size for imagefolder (default 224)")
-    p.add_argument("--workers", type=int, default=0, help="data loader worker processes (default 0)")
     p.add_argument("--train-images", type=int,
                    help="train on a fixed random subset of this many images (default: all)")
+    g = p.add_argument_group("recipe", "the recipe's values; each flag overrides one (models/recipes.py)")
+    g.add_argument("--recipe", help="cifar (default for depths 20-164) | imagenet (default for 18-101)")
+    g.add_argument("--epochs", type=int, help="cifar 15, imagenet 90")
+    g.add_argument("--batch-size", type=int, help="per process (cifar 64, imagenet 64); the global batch "
+                                                  "is this x the processes")
+    g.add_argument("--lr", type=float, help="peak learning rate (cifar 0.1, imagenet 0.1 x global batch / 256)")
+    g.add_argument("--momentum", type=float, help="SGD Nesterov momentum (0.9)")
+    g.add_argument("--weight-decay", type=float, help="cifar 5e-4 on all parameters, imagenet 1e-4 "
+                                                      "without BatchNorm parameters and biases")
+    g.add_argument("--warmup-epochs", type=float, help="imagenet: linear warm-up before the cosine (5)")
+    g.add_argument("--label-smoothing", type=float, help="cifar 0, imagenet 0.1")
+    p.add_argument("--seed", type=int, default=0, help="default 0")
+    _device_flags(p)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (default off)")
+    p.add_argument("--workers", type=int, help="data loader workers per process (default: the usable "
+                                               "cores shared by this node's processes)")
+    g = p.add_argument_group("processes", "torchrun's own options; `torchrun ... -m stepnet train` works too")
+    g.add_argument("--nproc-per-node", type=int, help="start this many processes (one per GPU) through "
+                                                      "torch.distributed.run")
+    g.add_argument("--nnodes", help="nodes, or MIN:MAX (torchrun)")
+    g.add_argument("--node-rank", help="this node's rank (torchrun, static rendezvous)")
+    g.add_argument("--rdzv-endpoint", help="HOST:PORT of the c10d rendezvous (torchrun)")
+    g.add_argument("--rdzv-backend", help="rendezvous backend (torchrun; c10d for multi-node)")
+    g.add_argument("--rdzv-id", help="job id shared by the nodes (torchrun)")
+    g.add_argument("--max-restarts", help="restarts after a failure; each resumes from the snapshot (torchrun)")
+    g.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics over the global batch "
+                                                          "(default: per process, as DDP does)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder to create")
+    p.add_argument("--resume", action="store_true", help="go on from OUT's snapshot (same command)")
+    p.add_argument("--save-every", type=int, default=1, help="epochs between snapshots (default 1)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.set_defaults(run=_cmd_train)
@@ -64,7 +140,7 @@ def register(sub) -> None:
     p.add_argument("checkpoint", type=Path, help="checkpoint folder written by `stepnet train`")
     p.add_argument("--dataset", help=f"{DATASET_HELP} (default: the one it was trained on)")
     p.add_argument("--data-dir", type=Path, help="folder with the data set (cifar*, imagefolder)")
+    p.add_argument("--batch-size", type=int, default=256, help="default 256")
+    _device_flags(p)
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes (default 0)")
     p.set_defaults(run=_cmd_evaluate)
-
-

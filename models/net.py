@@ -117,6 +117,12 @@ class Step(nn.Module):
         x_next = x + h[:, :, None, None] * f
         return x_next, _step_stats(h), nsi
 
+    def update(self, x, f, x_prev, f_prev):
+        """x_next alone, for training without diagnostics: the stiffness estimate is taken only
+        where the adaptor reads it."""
+        s = stiffness.estimates(x, x_prev, f, f_prev)[0] if self.adaptor.uses_stiffness else None
+        return x + self.adaptor(f, s)[:, :, None, None] * f
+
 
 class FirstStep(Step):
     """The first block of a stage: no predecessor, so s = 0 and NSI is undefined (NaN)."""
@@ -126,6 +132,10 @@ class FirstStep(Step):
         h = self.adaptor(f, s)
         x_next = x + h[:, :, None, None] * f
         return x_next, _step_stats(h), torch.full_like(f[:, 0, 0, 0], float("nan"))
+
+    def update(self, x, f):
+        s = torch.zeros_like(f[:, :, 0, 0]) if self.adaptor.uses_stiffness else None
+        return x + self.adaptor(f, s)[:, :, None, None] * f
 
 
 # ---------------------------------------------------------------- residual branches f_t
@@ -142,8 +152,8 @@ class BasicBranch(nn.Module):
         self.conv2 = nn.Conv2d(ch, ch, 3, 1, 1, bias=False)
 
     def forward(self, x):
-        a = F.relu(self.bn1(x))
-        return self.conv2(F.relu(self.bn2(self.conv1(a)))), a
+        a = F.relu(self.bn1(x), inplace=True)              # in place on BatchNorm's fresh output
+        return self.conv2(F.relu(self.bn2(self.conv1(a)), inplace=True)), a
 
 
 class BottleneckBranch(nn.Module):
@@ -160,9 +170,9 @@ class BottleneckBranch(nn.Module):
         self.conv3 = nn.Conv2d(ch, ch * self.expansion, 1, bias=False)
 
     def forward(self, x):
-        a = F.relu(self.bn1(x))
-        y = F.relu(self.bn2(self.conv1(a)))
-        return self.conv3(F.relu(self.bn3(self.conv2(y)))), a
+        a = F.relu(self.bn1(x), inplace=True)
+        y = F.relu(self.bn2(self.conv1(a)), inplace=True)
+        return self.conv3(F.relu(self.bn3(self.conv2(y)), inplace=True)), a
 
 
 BRANCHES = {"basic": BasicBranch, "bottleneck": BottleneckBranch}
@@ -178,10 +188,13 @@ class Block(nn.Module):
                          if stride != 1 or in_ch != out_ch else None)
         self.step = FirstStep(adaptor) if first else Step(adaptor)
 
-    def forward(self, x, prev):
-        """prev: (x_prev, f_prev) of the previous block of this stage, or () for the first block."""
+    def forward(self, x, prev, diagnostics: bool = True):
+        """prev: (x_prev, f_prev) of the previous block of this stage, or () for the first block.
+        Without diagnostics (training) the step's statistics and NSI are None."""
         f, a = self.branch(x)
         skip = self.shortcut(a) if self.shortcut is not None else x   # x_t of DESIGN 1.1
+        if not diagnostics:
+            return self.step.update(skip, f, *prev), (skip, f), None, None
         x_next, stats, nsi = self.step(skip, f, *prev)
         return x_next, (skip, f), stats, nsi
 
@@ -238,10 +251,10 @@ class StepNet(nn.Module):
         for stage in self.stages:
             prev = ()
             for block in stage:
-                x, prev, st, n = block(x, prev)
+                x, prev, st, n = block(x, prev, diagnostics)
                 stats.append(st)
                 nsis.append(n)
-        x = F.relu(self.bn(x))
+        x = F.relu(self.bn(x), inplace=True)
         logits = self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))   # (B, K)
         if not diagnostics:
             return logits

@@ -18,7 +18,12 @@ def estimates(x: torch.Tensor, x_prev: torch.Tensor, f: torch.Tensor, f_prev: to
     elements of the sample. A sample's norm is the norm of its channels' norms
     (||D|| = sqrt(sum_c ||D_c||^2)), so NSI reuses the channel norms and both differences are read
     once: the diagnostics then cost no extra pass over the feature maps.
+
+    Under autocast (bf16, fp16 training) the differences and norms are taken in float32: a
+    difference of two close half-precision maps, squared and summed, would lose the estimate.
     """
+    if torch.is_autocast_enabled(f.device.type):
+        x, x_prev, f, f_prev = x.float(), x_prev.float(), f.float(), f_prev.float()
     num = (f - f_prev).flatten(2).norm(dim=2)        # (B, C)
     den = (x - x_prev).flatten(2).norm(dim=2)
     return num / (den + eps), num.norm(dim=1) / (den.norm(dim=1) + eps)

@@ -1,25 +1,36 @@
-"""Training and evaluation: SGD with momentum, weight decay and a cosine schedule.
+"""Training and evaluation, on the CPU or GPUs, in one process or several under torchrun.
 
-`train` builds the whole output folder under a temporary sibling name and renames it at the end,
-so an interrupted or failed run leaves nothing half-written at --out.
+A run writes into OUT: metrics.jsonl (one line per epoch, rank 0), snapshot/ (models.snapshot:
+every --save-every epochs and on SIGTERM, so that --resume, or torchrun's restart after a
+failure, goes on where it stopped), and when training ends the checkpoint (model.safetensors,
+config.json) as models.checkpoint writes it, after which snapshot/ is removed. OUT holds a
+config.json only once a run has finished, so nothing reads a half-trained model as a checkpoint.
+Everything a command gets wrong is refused before OUT is touched. A run that fails or is
+interrupted keeps OUT if it holds a snapshot (so that it can be resumed), and removes it if not.
 """
 
 import json
 import math
 import os
 import shutil
-import tempfile
+import signal
+import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Subset
 from tqdm import tqdm
 
-from models import checkpoint, data
+from models import checkpoint, data, distributed, loading, recipes, snapshot
+from models.distributed import Context
 from models.net import NetConfig, StepNet
 from stepnet.errors import UserError
+
+CHECK_EVERY = 20     # steps between the checks that need a device sync (loss finite, SIGTERM in DDP)
 
 
 @dataclass(frozen=True)
@@ -29,24 +40,27 @@ class TrainConfig:
     data_dir: Path | None = None
     family: str = "stepnet"
     depth: int = 20
-    epochs: int = 15
-    batch_size: int = 64
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    recipe: str | None = None          # None: imagenet for ImageNet-style depths, else cifar
+    epochs: int | None = None          # None: the recipe's value (and so on for the next six)
+    batch_size: int | None = None      # per process
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    warmup_epochs: float | None = None
+    label_smoothing: float | None = None
     seed: int = 0
     input_size: int | None = None
     adaptor_blocks: tuple[str, ...] | None = None
-    train_images: int | None = None   # train on a fixed random subset of this many images; None: all
-    workers: int = 0
+    train_images: int | None = None    # train on a fixed random subset of this many images
+    workers: int | None = None         # None: loading.default_workers
+    device: str = "auto"
+    precision: str = "fp32"
+    compile: bool = False
+    sync_bn: bool = False
+    resume: bool = False
+    save_every: int = 1
     force: bool = False
     progress: bool = True
-
-
-def _loader(dataset, batch_size: int, shuffle: bool, workers: int, seed: int = 0) -> DataLoader:
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                      generator=gen, persistent_workers=workers > 0)
 
 
 def fixed_subset(dataset, n: int) -> Subset:
@@ -55,39 +69,73 @@ def fixed_subset(dataset, n: int) -> Subset:
     return Subset(dataset, keep[:n].tolist())
 
 
+def _inputs(images: torch.Tensor, ctx: Context) -> torch.Tensor:
+    if ctx.device.type == "cuda":          # channels_last: the layout cuDNN's fast kernels take
+        return images.to(ctx.device, non_blocking=True, memory_format=torch.channels_last)
+    return images
+
+
 @torch.no_grad()
-def evaluate(model: StepNet, dataset, batch_size: int = 256, workers: int = 0) -> dict:
-    """Top-1 accuracy and per-layer means of step size and NSI (NaN-aware) over `dataset`."""
+def evaluate(model: StepNet, dataset, batch_size: int = 256, workers: int = 0, ctx: Context | None = None,
+             precision: str = "fp32") -> dict:
+    """Top-1 accuracy and per-layer means of step size and NSI (NaN-aware) over `dataset`,
+    sharded over the processes of `ctx` and summed over them."""
+    ctx = ctx or Context(next(model.parameters()).device, "evaluation")
     model.eval()
-    correct = total = 0
-    step_sum = nsi_sum = nsi_count = None
-    for images, labels in _loader(dataset, batch_size, False, workers):
-        logits, step_size, nsi = model(images, diagnostics=True)
-        correct += int((logits.argmax(1) == labels).sum())
-        total += len(labels)
-        batch_step = step_size[:, :, 0].sum(0)
+    n_layers = len(model.layers())
+    sums = torch.zeros(2 + 3 * n_layers, dtype=torch.float64, device=ctx.device)   # correct, total, per layer
+    for images, labels in loading.eval_loader(dataset, ctx, batch_size, workers):
+        labels = labels.to(ctx.device, non_blocking=True)
+        with distributed.autocast(ctx, precision):
+            logits, step_size, nsi = model(_inputs(images, ctx), diagnostics=True)
+        step_size, nsi = step_size.double(), nsi.double()
         defined = ~torch.isnan(nsi)
-        batch_nsi = torch.where(defined, nsi, 0).sum(0)
-        step_sum = batch_step if step_sum is None else step_sum + batch_step
-        nsi_sum = batch_nsi if nsi_sum is None else nsi_sum + batch_nsi
-        nsi_count = defined.sum(0) if nsi_count is None else nsi_count + defined.sum(0)
-    layers = []
-    for row, s, n, c in zip(model.layers(), step_sum.tolist(), nsi_sum.tolist(), nsi_count.tolist()):
-        layers.append({**row, "step_size_mean": s / total, "nsi_mean": n / c if c else None})
-    return {"accuracy": correct / total, "samples": total, "layers": layers}
+        sums[0] += (logits.argmax(1) == labels).sum()
+        sums[1] += len(labels)
+        sums[2:2 + n_layers] += step_size[:, :, 0].sum(0)
+        sums[2 + n_layers:2 + 2 * n_layers] += torch.where(defined, nsi, 0).sum(0)
+        sums[2 + 2 * n_layers:] += defined.sum(0)
+    correct, total, *rest = distributed.all_reduce(ctx, sums).tolist()
+    steps, nsis, counts = rest[:n_layers], rest[n_layers:2 * n_layers], rest[2 * n_layers:]
+    layers = [{**row, "step_size_mean": s / total, "nsi_mean": n / c if c else None}
+              for row, s, n, c in zip(model.layers(), steps, nsis, counts)]
+    return {"accuracy": correct / total, "samples": int(total), "layers": layers}
 
 
-def _new_output(out: Path, force: bool) -> Path:
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists (use --force to replace it)")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise UserError(f"{out.parent} is not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+class _Stop:
+    """SIGTERM asks the run to write a snapshot and end (exit 0)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_Stop":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, *_):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train one model; returns the checkpoint config (with test accuracy) written to cfg.out."""
+def _identity(net_cfg: NetConfig, cfg: TrainConfig, recipe: recipes.Recipe, global_batch: int) -> dict:
+    """What makes two runs the same run (models.snapshot.check_identity), as JSON reads it back."""
+    return json.loads(json.dumps({
+        "model": asdict(net_cfg), "dataset": cfg.dataset, "train_images": cfg.train_images,
+        "recipe": recipe.to_dict(), "seed": cfg.seed, "global_batch": global_batch,
+        "precision": cfg.precision, "sync_bn": cfg.sync_bn}))
+
+
+def prepare(cfg: TrainConfig, ctx: Context) -> dict:
+    """Everything a run needs that can be refused, checked before OUT is touched: the data, the
+    network, the recipe, the output folder or the snapshot to resume."""
+    distributed.check_precision(cfg.precision, ctx.device)
+    if cfg.save_every < 1:
+        raise UserError("--save-every must be at least 1")
     train_set, info = data.load(cfg.dataset, "train", cfg.data_dir, augment=True, input_size=cfg.input_size)
     test_set, _ = data.load(cfg.dataset, "test", cfg.data_dir, input_size=cfg.input_size)
     try:
@@ -95,61 +143,208 @@ def train(cfg: TrainConfig) -> dict:
                             adaptor_blocks=cfg.adaptor_blocks)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    if cfg.epochs < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
-        raise UserError("--epochs, --batch-size and --lr must be positive")
+    recipe = recipes.recipe(cfg.recipe or recipes.default_recipe(net_cfg.imagenet_style),
+                            epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                            weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs,
+                            label_smoothing=cfg.label_smoothing)
+    global_batch = recipe.batch_size * ctx.world_size
+    recipe = recipe.resolve(global_batch)
     if cfg.train_images is not None:
         if not 1 <= cfg.train_images <= len(train_set):
             raise UserError(f"the number of training images must be between 1 and {len(train_set)}")
         train_set = fixed_subset(train_set, cfg.train_images)
-    torch.manual_seed(cfg.seed)
-    model = StepNet(net_cfg)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, nesterov=True)
-    loader = _loader(train_set, cfg.batch_size, True, cfg.workers, cfg.seed)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * len(loader), pct_start=0.15,
-        anneal_strategy="cos")
-    loss_fn = torch.nn.CrossEntropyLoss()
+    if loading.steps_per_epoch(len(train_set), ctx, recipe.batch_size) < 1:
+        raise UserError(f"{len(train_set)} training images do not fill one global batch of {global_batch}")
+    identity = _identity(net_cfg, cfg, recipe, global_batch)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    resume = cfg.resume or (restarted and snapshot.exists(cfg.out))
+    if resume:
+        snapshot.check_identity(snapshot.read_info(cfg.out)["identity"], identity)
+    elif cfg.out.exists() and not (cfg.force or restarted):
+        hint = ", or --resume to continue it" if snapshot.exists(cfg.out) else ""
+        raise UserError(f"{cfg.out} already exists (use --force to replace it{hint})")
+    elif cfg.out.parent.exists() and not cfg.out.parent.is_dir():
+        raise UserError(f"{cfg.out.parent} is not a folder")
+    return {"train_set": train_set, "test_set": test_set, "info": info, "net_cfg": net_cfg, "recipe": recipe,
+            "global_batch": global_batch, "identity": identity, "resume": resume}
 
-    tmp = _new_output(cfg.out, cfg.force)
+
+def train(cfg: TrainConfig) -> dict | None:
+    """Train one model; returns the checkpoint config written to cfg.out, or None when SIGTERM
+    stopped the run (a snapshot was written)."""
+    ctx = distributed.setup(cfg.device)
     try:
-        started = time.perf_counter()
-        with open(tmp / "metrics.jsonl", "w") as log:
-            for epoch in range(1, cfg.epochs + 1):
-                model.train()
-                seen = correct = 0
-                loss_sum = 0.0
-                bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not cfg.progress)
-                for images, labels in bar:
-                    logits = model(images)
-                    loss = loss_fn(logits, labels)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    schedule.step()
-                    if not math.isfinite(loss.item()):
-                        raise UserError(f"training diverged at epoch {epoch} (loss {loss.item()}); lower --lr")
-                    seen += len(labels)
-                    correct += int((logits.argmax(1) == labels).sum())
-                    loss_sum += loss.item() * len(labels)
-                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-                test = evaluate(model, test_set, workers=cfg.workers)
-                row = {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
-                       "test_accuracy": test["accuracy"], "lr": schedule.get_last_lr()[0],
-                       "seconds": round(time.perf_counter() - started, 2)}
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                if cfg.progress:
-                    tqdm.write(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  "
-                               f"train {row['train_accuracy']:.4f}  test {row['test_accuracy']:.4f}")
-        checkpoint.save(model, info, tmp, dataset=cfg.dataset, epochs=cfg.epochs, seed=cfg.seed,
-                        batch_size=cfg.batch_size, lr=cfg.lr, train_images=len(train_set),
-                        test_accuracy=test["accuracy"],
-                        train_seconds=round(time.perf_counter() - started, 1))
-        if cfg.out.exists():
-            shutil.rmtree(cfg.out)
-        os.replace(tmp, cfg.out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return checkpoint.read_config(cfg.out)
+        run = _Run(cfg, ctx, prepare(cfg, ctx))
+        try:
+            return run.run()
+        except BaseException:      # failed or interrupted: keep OUT only if there is a snapshot to resume
+            if ctx.main and run.created and not snapshot.exists(cfg.out):
+                shutil.rmtree(cfg.out, ignore_errors=True)
+            raise
+    finally:
+        distributed.teardown(ctx)
+
+
+class _Run:
+    def __init__(self, cfg: TrainConfig, ctx: Context, plan: dict):
+        self.cfg, self.ctx, self.plan = cfg, ctx, plan
+        self.recipe: recipes.Recipe = plan["recipe"]
+        self.workers = loading.default_workers(ctx) if cfg.workers is None else cfg.workers
+        torch.manual_seed(cfg.seed)
+        self.net = StepNet(plan["net_cfg"])
+        model = distributed.sync_batchnorm(self.net, ctx) if cfg.sync_bn and ctx.distributed else self.net
+        model = model.to(ctx.device, memory_format=torch.channels_last if ctx.device.type == "cuda"
+                         else torch.contiguous_format)
+        if ctx.distributed:
+            model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
+                                            else None)
+        self.model = torch.compile(model) if cfg.compile else model
+        self.loader = loading.train_loader(plan["train_set"], ctx, cfg.seed, self.recipe.batch_size, self.workers)
+        self.steps_per_epoch = loading.steps_per_epoch(len(plan["train_set"]), ctx, self.recipe.batch_size)
+        self.optimizer = recipes.optimizer(self.net, self.recipe)
+        self.schedule = recipes.scheduler(self.optimizer, self.recipe, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
+        self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=self.recipe.label_smoothing)
+        self.position = {"epoch": 1, "step": 0, "sums": [0.0, 0.0, 0.0, 0.0], "train_seconds": 0.0}
+        self.created = False       # this run made OUT (it was not resumed)
+
+    def _say(self, text: str) -> None:
+        if self.ctx.main and self.cfg.progress:
+            tqdm.write(text, file=sys.stderr)
+
+    def _start(self) -> None:
+        out = self.cfg.out
+        if self.plan["resume"]:
+            state = snapshot.load_state(out, "cpu")
+            self.net.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.position = state["position"]
+            if self.ctx.main:      # epochs after the snapshot's are done again: their lines go
+                log = out / "metrics.jsonl"
+                rows = [line for line in log.read_text().splitlines()
+                        if json.loads(line)["epoch"] < self.position["epoch"]] if log.is_file() else []
+                log.write_text("".join(row + "\n" for row in rows))
+            self._say(f"resuming {out} at epoch {self.position['epoch']}, step {self.position['step']}")
+        else:
+            self.created = True
+            if self.ctx.main:
+                if out.exists():
+                    shutil.rmtree(out)
+                out.mkdir(parents=True)
+        distributed.barrier(self.ctx)
+        r = self.recipe
+        self._say(f"device: {self.ctx.reason}; {self.cfg.precision}; global batch {self.plan['global_batch']} "
+                  f"({self.ctx.world_size} x {r.batch_size}); recipe {r.name}: lr {r.lr:g}, {r.epochs} epochs, "
+                  f"{self.steps_per_epoch} steps each; {self.workers} data workers per process")
+
+    def _snapshot(self) -> None:
+        if self.ctx.main:
+            snapshot.save(self.cfg.out, self.plan["identity"], self.position, {
+                "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.schedule.state_dict(), "scaler": self.scaler.state_dict()})
+        distributed.barrier(self.ctx)
+
+    def run(self) -> dict | None:
+        self._start()
+        started = time.perf_counter() - self.position["train_seconds"]
+        with _Stop() as stop:
+            for epoch in range(self.position["epoch"], self.recipe.epochs + 1):
+                row = self._epoch(epoch, stop)
+                if row is None:
+                    return self._stopped()
+                test = evaluate(self.net, self.plan["test_set"], workers=self.workers, ctx=self.ctx,
+                                precision=self.cfg.precision)
+                row.update(test_accuracy=test["accuracy"], seconds=round(time.perf_counter() - started, 2))
+                if self.ctx.main:
+                    with open(self.cfg.out / "metrics.jsonl", "a") as log:
+                        log.write(json.dumps(row) + "\n")
+                self._say(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  train {row['train_accuracy']:.4f}  "
+                          f"test {row['test_accuracy']:.4f}  {row['images_per_s']:.0f} img/s  "
+                          f"data wait {100 * row['data_wait_fraction']:.0f}%")
+                self.position = {"epoch": epoch + 1, "step": 0, "sums": [0.0] * 4,
+                                 "train_seconds": time.perf_counter() - started}
+                if epoch < self.recipe.epochs and self._agreed(stop):
+                    return self._stopped()
+                if epoch % self.cfg.save_every == 0 and epoch < self.recipe.epochs:
+                    self._snapshot()
+        return self._finish(test, row, time.perf_counter() - started)
+
+    def _agreed(self, stop: _Stop) -> bool:
+        """Whether any process was asked to stop (every process takes part, so all agree)."""
+        flag = torch.tensor([float(stop.requested)], device=self.ctx.device)
+        return bool(distributed.all_reduce(self.ctx, flag, op=torch.distributed.ReduceOp.MAX)[0])
+
+    def _stopped(self) -> None:
+        self._snapshot()
+        self._say(f"stopped by SIGTERM at epoch {self.position['epoch']}, step {self.position['step']}: "
+                  f"snapshot written; `--resume` goes on from there")
+        return None
+
+    def _epoch(self, epoch: int, stop: _Stop) -> dict | None:
+        """One epoch from self.position; its metrics row, or None when a stop was asked for."""
+        ctx, skip = self.ctx, self.position["step"]
+        self.loader.sampler.set_epoch(epoch, skip)
+        self.model.train()
+        sums = torch.tensor(self.position["sums"], dtype=torch.float64, device=ctx.device)  # loss, correct, seen, wait
+        bar = tqdm(total=self.steps_per_epoch, initial=skip, desc=f"epoch {epoch}/{self.recipe.epochs}",
+                   leave=False, disable=not (self.cfg.progress and ctx.main), file=sys.stderr)
+        batches, step, began = iter(self.loader), skip, time.perf_counter()
+        while True:
+            waited = time.perf_counter()
+            try:
+                images, labels = next(batches)
+            except StopIteration:
+                break
+            sums[3] += time.perf_counter() - waited
+            labels = labels.to(ctx.device, non_blocking=True)
+            with distributed.autocast(ctx, self.cfg.precision):
+                logits = self.model(_inputs(images, ctx))
+                loss = self.loss_fn(logits.float(), labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.schedule.step()
+            sums[0] += loss.detach().double() * len(labels)
+            sums[1] += (logits.argmax(1) == labels).sum()
+            sums[2] += len(labels)
+            step += 1
+            bar.update()
+            if step % CHECK_EVERY == 0 or step == self.steps_per_epoch or (stop.requested and not ctx.distributed):
+                flags = distributed.all_reduce(ctx, torch.tensor(
+                    [float(stop.requested), float(not math.isfinite(sums[0].item()))], device=ctx.device),
+                    op=torch.distributed.ReduceOp.MAX)
+                if flags[1]:
+                    raise UserError(f"training diverged at epoch {epoch} (the loss is not finite); lower --lr")
+                bar.set_postfix(loss=f"{sums[0].item() / sums[2].item():.3f}",
+                                acc=f"{sums[1].item() / sums[2].item():.3f}")
+                if flags[0] and step < self.steps_per_epoch:
+                    self.position = {**self.position, "step": step, "sums": sums.tolist(),
+                                     "train_seconds": self.position["train_seconds"] + time.perf_counter() - began}
+                    bar.close()
+                    return None
+        bar.close()
+        seconds = time.perf_counter() - began
+        loss_sum, correct, seen, wait = distributed.all_reduce(ctx, sums).tolist()
+        done = (self.steps_per_epoch - skip) * self.plan["global_batch"]
+        return {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+                "lr": self.schedule.get_last_lr()[0], "images_per_s": done / seconds,
+                "data_wait_fraction": min(1.0, wait / ctx.world_size / seconds),
+                "global_batch": self.plan["global_batch"], "processes": ctx.world_size}
+
+    def _finish(self, test: dict, row: dict, seconds: float) -> dict:
+        cfg, r = self.cfg, self.recipe
+        if self.ctx.main:
+            checkpoint.save(self.net, self.plan["info"], cfg.out, dataset=cfg.dataset, epochs=r.epochs,
+                            seed=cfg.seed, batch_size=r.batch_size, lr=r.lr, recipe=r.to_dict(),
+                            global_batch=self.plan["global_batch"], processes=self.ctx.world_size,
+                            device=self.ctx.device.type, precision=cfg.precision, sync_bn=cfg.sync_bn,
+                            compile=cfg.compile, train_images=len(self.plan["train_set"]),
+                            test_accuracy=test["accuracy"], images_per_s=round(row["images_per_s"], 1),
+                            train_seconds=round(seconds, 1))
+            shutil.rmtree(snapshot.folder(cfg.out), ignore_errors=True)
+        distributed.barrier(self.ctx)
+        return checkpoint.read_config(cfg.out)
+

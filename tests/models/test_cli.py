@@ -90,13 +90,14 @@ def test_corrupt_checkpoint_is_one_line_and_exit_2(trained, tmp_path):
     assert result.stderr.count("\n") == 1 and "model.safetensors" in result.stderr
 
 
-def test_interrupted_training_leaves_nothing(tmp_path):
+def test_training_interrupted_before_its_first_snapshot_leaves_nothing(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([*STEPNET, "train", "--epochs", "50", "--quiet", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".out.partial-*/metrics.jsonl")) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    while not out.is_dir() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)                                    # inside the first epoch
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

@@ -81,7 +81,7 @@ def test_stepnet_adaptor_reads_channel_stiffness():
     handle = adaptor.register_forward_hook(lambda mod, args, out: seen.append((args[1], out)))
     records, hooks = _record_steps(model)
     with torch.no_grad():
-        model(torch.randn(3, 1, 32, 32))
+        model(torch.randn(3, 1, 32, 32), diagnostics=True)
     handle.remove()
     for h in hooks:
         h.remove()
@@ -157,3 +157,22 @@ def test_sparse_adaptors_only_where_asked():
 def test_bad_configs_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         build(num_classes=10, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["resnet", "se", "stepnet"])
+def test_training_without_diagnostics_takes_the_same_steps(family):
+    """Without diagnostics (training) a block skips NSI and the step statistics, and the stiffness
+    estimate where its adaptor does not read it; logits and gradients stay the same."""
+    torch.manual_seed(0)
+    model = build(family, 20, 10, in_channels=1).train()
+    x = torch.randn(4, 1, 32, 32)
+    torch.manual_seed(1)
+    fast = model(x)
+    fast.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch.manual_seed(1)
+    full, _, _ = model(x, diagnostics=True)
+    full.sum().backward()
+    assert torch.equal(fast, full)
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, model.parameters()))
