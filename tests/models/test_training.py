@@ -153,6 +153,24 @@ def test_sigterm_writes_a_snapshot_and_exits_0_and_the_run_resumes_mid_epoch(uni
            [(r["epoch"], r["train_loss"], r["test_accuracy"]) for r in whole]
 
 
+def test_torchrun_restarts_a_killed_worker_and_it_resumes_from_the_snapshot(uninterrupted, tmp_path):
+    """torchrun --max-restarts 1: the worker killed after its second snapshot is started again,
+    finds TORCHELASTIC_RESTART_COUNT=1 and the snapshot, and goes on; the weights are those of
+    the uninterrupted run."""
+    out = tmp_path / "elastic"
+    launcher = subprocess.Popen([*TORCHRUN, "--nproc-per-node", "1", "--max-restarts", "1", "-m", "stepnet",
+                                 *RESUMABLE, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    info = out / "snapshot" / "snapshot.json"
+    _wait_for(lambda: info.is_file() and json.loads(info.read_text())["position"]["epoch"] == 3, launcher)
+    workers = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 1
+    os.kill(int(workers[0]), signal.SIGKILL)
+    _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, err[-3000:]
+    assert torch.equal(weights(out), weights(uninterrupted))
+
+
 # ---------------------------------------------------------------- bf16
 
 def test_bf16_autocast_trains_digits_and_keeps_the_diagnostics(tmp_path):
