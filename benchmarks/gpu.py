@@ -17,10 +17,10 @@ import onnxruntime as ort
 import torch
 
 from benchmarks.timing import Budget, measure_interleaved
-from export import calibration, runtime, variants
-from export.metadata import INPUT, OUTPUTS
+from export import runtime, samples, variants
 from models import data
 from service.runtime import Device, Session
+from stepnet.repository import INPUT, OUTPUTS
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def measure_model(bench, batches: tuple[int, ...], budget: Budget, threads: int,
                  row[target.torch_label]["p50_ms"])
     if bench.name == "digits":                    # the whole test split, with its labels
         test_set, _ = data.load("digits", "test")
-        images, labels = calibration.load_images(test_set, np.arange(len(test_set)))
+        images, labels = samples.load_images(test_set, np.arange(len(test_set)))
     else:                                          # random weights: agreement is all there is
         images, labels = rng.standard_normal((16, *bench.input_shape), dtype=np.float32), None
     return {"label": bench.label, "provider": fp32.session.get_providers()[0],

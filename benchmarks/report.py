@@ -28,108 +28,140 @@ def _value(row: dict) -> str:
 
 
 def markdown(results: dict, plots: list[str]) -> str:
-    m = results["machine"]
-    settings = results["settings"]
-    lines = [f"# StepNet benchmark: {m['cpu']}, {m['cores']} cores, {results['started'][:10]}", "",
-             f"Mode `{settings['mode']}`; {settings['threads']} ONNX Runtime / PyTorch threads; "
-             f"CPU flags {', '.join(m['cpu_flags']) or 'none of note'}; GPU: "
-             f"{', '.join(m['gpu'].get('devices', [])) or 'none'}. Load average (1, 5, 15 min) "
-             f"{results['load_average_start']} at the start, {results['load_average_end']} at the "
-             f"end; the run took {results['seconds']:.0f} s. Packages: "
-             + ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v) + ".", "",
-             "Latencies are medians (p50) and 95th percentiles of repeated runs after warm-up; "
-             "throughput is items per second at the median latency.", ""]
-    lines += ["## Targets (issue 6)", ""]
-    lines += _table(["target", "model", "measured", "limit", "met"],
-                    [[t["what"], t["model"], _value(t), t["limit"],
-                      "n/a" if t["met"] is None else "yes" if t["met"] else "**no**"]
-                     for t in results["targets"]])
-    for name, model in results["model"].items():
-        lines += ["", f"## Model level: {model['label']}", ""]
-        rows = []
-        for batch, row in model["batches"].items():
-            torch_p50 = row["torch_eager"]["p50_ms"]
-            for key, label in RUNTIMES:
-                if key in row:
-                    r = row[key]
-                    rows.append([batch, label, _ms(r["p50_ms"]), _ms(r["p95_ms"]),
-                                 f"{r['throughput']:.1f}", f"{r['p50_ms'] / torch_p50:.2f}",
-                                 f"{r['throughput'] / row['ort_fp32']['throughput']:.2f}",
-                                 str(r["reps"])])
-        lines += _table(["batch", "runtime", "p50 ms", "p95 ms", "items/s", "p50 / eager",
-                         "throughput / ORT fp32", "reps"], rows)
-        lines += ["", f"PyTorch threads: {model['torch_threads']['chosen']} (batch-1 probe, p50 ms "
-                      f"by thread count: {model['torch_threads']['probe_p50_ms_batch1']}). "
-                      f"fp16: {model['fp16']}. int8 calibration: {model['int8_calibration']}."]
+    lines = _introduction(results) + _targets(results["targets"])
+    for model in results["model"].values():
+        lines += _model_level(model)
     if results.get("int8_quality"):
-        q = results["int8_quality"]
-        lines += ["", "## int8 accuracy (default digits model)", "",
-                  f"On the {q['samples']} images of the digits test split: fp32 top-1 "
-                  f"{q['fp32_top1']:.4f}, int8 top-1 {q['int8_top1']:.4f} (change "
-                  f"{q['accuracy_change_points']:+.2f} points), top-1 agreement "
-                  f"{100 * q['top1_agreement']:.2f}%; calibrated on {q['calibration']}."]
+        lines += _int8_quality(results["int8_quality"])
     if results["diagnostics"]:
-        lines += ["", "## Diagnostics cost (same graph, with and without step_size / nsi)", ""]
-        rows = []
-        for name, diag in results["diagnostics"].items():
-            for batch, row in diag["batches"].items():
-                rows.append([MODEL_NAMES.get(name, name), batch, _ms(row["with"]["p50_ms"]),
-                             _ms(row["without"]["p50_ms"]), f"{100 * row['cost']:+.1f}%",
-                             f"{diag['nodes_inlined']['with']} / {diag['nodes_inlined']['without']}"])
-        lines += _table(["model", "batch", "with p50 ms", "without p50 ms", "cost",
-                         "nodes (inlined) with / without"], rows)
+        lines += _diagnostics(results["diagnostics"])
     for name, svc in results["service"].items():
-        raw = svc["raw"]
-        lines += ["", f"## Service level: {MODEL_NAMES.get(name, name)}", "",
-                  f"`stepnet serve` on loopback (default settings, max batch size "
-                  f"{svc['settings']['max_batch_size']}); client: {svc['settings']['client']}. "
-                  f"Pre-processing (service code) per image: JPEG "
-                  f"{raw['preprocess']['jpeg']['per_image_ms']:.2f} ms, PNG "
-                  f"{raw['preprocess']['png']['per_image_ms']:.2f} ms.", ""]
-        rows = []
-        for c, row in svc["load"].items():
-            raw_row = raw["batches"][str(row["raw_batch"])]
-            timing = row.get("server_timing_p50_ms", {})
-            inside = ", ".join(f"{k} {v:.1f}" for k, v in timing.items())
-            mean_batch = row.get("mean_batch_size")
-            rows.append([c, str(row["requests"]), str(row["errors"]), f"{row['throughput']:.1f}",
-                         _ms(row["p50_ms"]), _ms(row["p95_ms"]), _ms(row["p99_ms"]),
-                         f"{raw_row['throughput']:.1f} (batch {row['raw_batch']})",
-                         f"{row['throughput_vs_raw']:.2f}",
-                         f"{row['p50_minus_raw_p50_ms']:+.1f}",
-                         "-" if mean_batch is None else f"{mean_batch:.2f}", inside])
-        lines += _table(["concurrency", "requests", "errors", "req/s", "p50 ms", "p95 ms",
-                         "p99 ms", "raw items/s", "service / raw", "p50 - raw b1 p50 ms",
-                         "mean batch", "server timing p50 ms"], rows)
-        lines += ["", "Raw figures are measured just before each load level, the server idle; "
-                      "server timing is what the service reports in each response (`timing_ms`)."]
-        lines += ["", f"Raw session.run batch 1: p50 {_ms(raw['batches']['1']['p50_ms'])} ms, "
-                      f"p95 {_ms(raw['batches']['1']['p95_ms'])} ms."]
+        lines += _service_level(name, svc)
     if results.get("http"):
-        http = results["http"]
-        lines += ["", "## HTTP layer: the connection limits' cost (digits, concurrency 1)", "",
-                  "Three servers on one repository, requests taking turns between them "
-                  "(benchmarks/http_layer.py).", ""]
-        rows = [[label, str(row["reps"]), _ms(row["p50_ms"]), _ms(row["p95_ms"]), _ms(row["p99_ms"])]
-                for label, row in http.items() if isinstance(row, dict)]
-        lines += _table(["server", "requests", "p50 ms", "p95 ms", "p99 ms"], rows)
-        lines += ["", f"p50 with the limits minus plain httptools: {http['limits_minus_plain_p50_ms']:+.2f} ms; "
-                      f"h11 minus httptools: {http['h11_minus_plain_p50_ms']:+.2f} ms."]
+        lines += _http_layer(results["http"])
     if results.get("train"):
         lines += _training(results["train"])
     if results["profiles"]:
-        lines += ["", "## Where ONNX Runtime spends its time (profiler, batch 8, kernel time "
-                      "share per op type)", ""]
-        for name, variants in results["profiles"].items():
-            for variant, prof in variants.items():
-                ops = ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in prof["ops"][:8])
-                lines.append(f"- {MODEL_NAMES.get(name, name)} {variant} "
-                             f"({prof['run_ms']:.0f} ms per run): {ops}")
+        lines += _profiles(results["profiles"])
     if results.get("gpu"):
         lines += ["", "## GPU", "", results["gpu"]["message"] + "."] + _gpu(results["gpu"])
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _introduction(results: dict) -> list[str]:
+    """The title, the machine, the settings and load, and how the figures are read."""
+    m = results["machine"]
+    settings = results["settings"]
+    return [f"# StepNet benchmark: {m['cpu']}, {m['cores']} cores, {results['started'][:10]}", "",
+            f"Mode `{settings['mode']}`; {settings['threads']} ONNX Runtime / PyTorch threads; "
+            f"CPU flags {', '.join(m['cpu_flags']) or 'none of note'}; GPU: "
+            f"{', '.join(m['gpu'].get('devices', [])) or 'none'}. Load average (1, 5, 15 min) "
+            f"{results['load_average_start']} at the start, {results['load_average_end']} at the "
+            f"end; the run took {results['seconds']:.0f} s. Packages: "
+            + ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v) + ".", "",
+            "Latencies are medians (p50) and 95th percentiles of repeated runs after warm-up; "
+            "throughput is items per second at the median latency.", ""]
+
+
+def _targets(targets: list[dict]) -> list[str]:
+    return ["## Targets (issue 6)", ""] + _table(
+        ["target", "model", "measured", "limit", "met"],
+        [[t["what"], t["model"], _value(t), t["limit"],
+          "n/a" if t["met"] is None else "yes" if t["met"] else "**no**"] for t in targets])
+
+
+def _model_level(model: dict) -> list[str]:
+    """Per batch and runtime: latency, throughput, and both against PyTorch eager and ORT fp32."""
+    rows = []
+    for batch, row in model["batches"].items():
+        torch_p50 = row["torch_eager"]["p50_ms"]
+        for key, label in RUNTIMES:
+            if key in row:
+                r = row[key]
+                rows.append([batch, label, _ms(r["p50_ms"]), _ms(r["p95_ms"]),
+                             f"{r['throughput']:.1f}", f"{r['p50_ms'] / torch_p50:.2f}",
+                             f"{r['throughput'] / row['ort_fp32']['throughput']:.2f}",
+                             str(r["reps"])])
+    return (["", f"## Model level: {model['label']}", ""]
+            + _table(["batch", "runtime", "p50 ms", "p95 ms", "items/s", "p50 / eager",
+                      "throughput / ORT fp32", "reps"], rows)
+            + ["", f"PyTorch threads: {model['torch_threads']['chosen']} (batch-1 probe, p50 ms "
+                   f"by thread count: {model['torch_threads']['probe_p50_ms_batch1']}). "
+                   f"fp16: {model['fp16']}. int8 calibration: {model['int8_calibration']}."])
+
+
+def _int8_quality(q: dict) -> list[str]:
+    return ["", "## int8 accuracy (default digits model)", "",
+            f"On the {q['samples']} images of the digits test split: fp32 top-1 "
+            f"{q['fp32_top1']:.4f}, int8 top-1 {q['int8_top1']:.4f} (change "
+            f"{q['accuracy_change_points']:+.2f} points), top-1 agreement "
+            f"{100 * q['top1_agreement']:.2f}%; calibrated on {q['calibration']}."]
+
+
+def _diagnostics(diagnostics: dict) -> list[str]:
+    rows = []
+    for name, diag in diagnostics.items():
+        for batch, row in diag["batches"].items():
+            rows.append([MODEL_NAMES.get(name, name), batch, _ms(row["with"]["p50_ms"]),
+                         _ms(row["without"]["p50_ms"]), f"{100 * row['cost']:+.1f}%",
+                         f"{diag['nodes_inlined']['with']} / {diag['nodes_inlined']['without']}"])
+    return (["", "## Diagnostics cost (same graph, with and without step_size / nsi)", ""]
+            + _table(["model", "batch", "with p50 ms", "without p50 ms", "cost",
+                      "nodes (inlined) with / without"], rows))
+
+
+def _service_level(name: str, svc: dict) -> list[str]:
+    """Per concurrency: the served figures against raw session.run, and the server's own timing."""
+    raw = svc["raw"]
+    rows = []
+    for c, row in svc["load"].items():
+        raw_row = raw["batches"][str(row["raw_batch"])]
+        timing = row.get("server_timing_p50_ms", {})
+        inside = ", ".join(f"{k} {v:.1f}" for k, v in timing.items())
+        mean_batch = row.get("mean_batch_size")
+        rows.append([c, str(row["requests"]), str(row["errors"]), f"{row['throughput']:.1f}",
+                     _ms(row["p50_ms"]), _ms(row["p95_ms"]), _ms(row["p99_ms"]),
+                     f"{raw_row['throughput']:.1f} (batch {row['raw_batch']})",
+                     f"{row['throughput_vs_raw']:.2f}",
+                     f"{row['p50_minus_raw_p50_ms']:+.1f}",
+                     "-" if mean_batch is None else f"{mean_batch:.2f}", inside])
+    return (["", f"## Service level: {MODEL_NAMES.get(name, name)}", "",
+             f"`stepnet serve` on loopback (default settings, max batch size "
+             f"{svc['settings']['max_batch_size']}); client: {svc['settings']['client']}. "
+             f"Pre-processing (service code) per image: JPEG "
+             f"{raw['preprocess']['jpeg']['per_image_ms']:.2f} ms, PNG "
+             f"{raw['preprocess']['png']['per_image_ms']:.2f} ms.", ""]
+            + _table(["concurrency", "requests", "errors", "req/s", "p50 ms", "p95 ms",
+                      "p99 ms", "raw items/s", "service / raw", "p50 - raw b1 p50 ms",
+                      "mean batch", "server timing p50 ms"], rows)
+            + ["", "Raw figures are measured just before each load level, the server idle; "
+                   "server timing is what the service reports in each response (`timing_ms`)."]
+            + ["", f"Raw session.run batch 1: p50 {_ms(raw['batches']['1']['p50_ms'])} ms, "
+                   f"p95 {_ms(raw['batches']['1']['p95_ms'])} ms."])
+
+
+def _http_layer(http: dict) -> list[str]:
+    rows = [[label, str(row["reps"]), _ms(row["p50_ms"]), _ms(row["p95_ms"]), _ms(row["p99_ms"])]
+            for label, row in http.items() if isinstance(row, dict)]
+    return (["", "## HTTP layer: the connection limits' cost (digits, concurrency 1)", "",
+             "Three servers on one repository, requests taking turns between them "
+             "(benchmarks/http_layer.py).", ""]
+            + _table(["server", "requests", "p50 ms", "p95 ms", "p99 ms"], rows)
+            + ["", f"p50 with the limits minus plain httptools: {http['limits_minus_plain_p50_ms']:+.2f} ms; "
+                   f"h11 minus httptools: {http['h11_minus_plain_p50_ms']:+.2f} ms."])
+
+
+def _profiles(profiles: dict) -> list[str]:
+    lines = ["", "## Where ONNX Runtime spends its time (profiler, batch 8, kernel time "
+                 "share per op type)", ""]
+    for name, variants in profiles.items():
+        for variant, prof in variants.items():
+            ops = ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in prof["ops"][:8])
+            lines.append(f"- {MODEL_NAMES.get(name, name)} {variant} "
+                         f"({prof['run_ms']:.0f} ms per run): {ops}")
+    return lines
 
 
 def _training(part: dict) -> list[str]:
@@ -186,75 +218,92 @@ def plots(results: dict, out_dir: Path, stem: str) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
+    written = []
+    for part, draw in (("model", _model_plot), ("service", _service_plot),
+                       ("diagnostics", _diagnostics_plot)):
+        if results[part]:
+            written.append(_save(draw(results), out_dir / f"{stem}-{part}.png"))
+    return written
+
+
+def _model_plot(results: dict):
+    """Per model: throughput per batch size, one bar per runtime."""
     import matplotlib.pyplot as plt
 
-    written = []
-    if results["model"]:
-        names = list(results["model"])
-        fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5), squeeze=False)
-        for ax, name in zip(axes[0], names):
-            batches = list(results["model"][name]["batches"])
-            width = 0.8 / len(RUNTIMES)
-            top = max(results["model"][name]["batches"][b][key]["throughput"]
-                      for b in batches for key, _ in RUNTIMES)
-            ax.set_ylim(0, 1.3 * top)                 # room for the legend above the bars
-            for i, (key, label) in enumerate(RUNTIMES):
-                values = [results["model"][name]["batches"][b][key]["throughput"] for b in batches]
-                bars = ax.bar([j + i * width for j in range(len(batches))], values, width,
-                              label=label)
-                ax.bar_label(bars, fmt="%.0f", fontsize=8)
-            ax.set_xticks([j + width for j in range(len(batches))], [f"batch {b}" for b in batches])
-            ax.set_ylabel("images / s (median latency)")
-            ax.set_title(MODEL_NAMES.get(name, name))
-            ax.legend(loc="upper left", ncol=3, fontsize=9)
-        fig.suptitle(f"Model level throughput, {results['machine']['cpu']}, "
-                     f"{results['machine']['cores']} cores (higher is better)")
-        fig.tight_layout()
-        written.append(_save(fig, out_dir / f"{stem}-model.png"))
-    if results["service"]:
-        names = list(results["service"])
-        fig, axes = plt.subplots(2, len(names), figsize=(6 * len(names), 8), squeeze=False)
-        for col, name in enumerate(names):
-            svc = results["service"][name]
-            conc = list(svc["load"])
-            ax = axes[0][col]
-            ax.plot(conc, [svc["load"][c]["throughput"] for c in conc], "o-", label="service")
-            ax.plot(conc, [svc["raw"]["batches"][str(svc["load"][c]["raw_batch"])]["throughput"]
-                           for c in conc], "s--", label="raw session.run")
-            ax.set_ylabel("requests / s")
-            ax.set_ylim(bottom=0)
-            ax.set_title(f"{MODEL_NAMES.get(name, name)}: throughput")
-            ax.legend()
-            ax = axes[1][col]
-            for q in ("p50", "p95", "p99"):
-                ax.plot(conc, [svc["load"][c][f"{q}_ms"] for c in conc], "o-", label=f"service {q}")
-            ax.axhline(svc["raw"]["batches"]["1"]["p50_ms"], color="grey", linestyle="--",
-                       label="raw p50, batch 1")
-            ax.set_xlabel("concurrency")
-            ax.set_yscale("log")
-            ax.set_ylabel("latency ms (log scale)")
-            ax.set_title(f"{MODEL_NAMES.get(name, name)}: latency")
-            ax.legend()
-        fig.suptitle("Service level: stepnet serve on loopback vs raw session.run")
-        fig.tight_layout()
-        written.append(_save(fig, out_dir / f"{stem}-service.png"))
-    if results["diagnostics"]:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        labels, values = [], []
-        for name, diag in results["diagnostics"].items():
-            for batch, row in diag["batches"].items():
-                labels.append(f"{SHORT_NAMES.get(name, name)}\nbatch {batch}")
-                values.append(100 * row["cost"])
-        bars = ax.bar(labels, values, color=["tab:red" if v > 5 else "tab:green" for v in values])
-        ax.bar_label(bars, fmt="%+.1f%%")
-        ax.axhline(5, color="grey", linestyle="--", label="target: 5%")
-        ax.set_ylim(min(0, 1.2 * min(values)), 1.2 * max(max(values), 5))
-        ax.set_ylabel("latency with diagnostics / without - 1 (%)")
-        ax.set_title("Cost of the diagnostics outputs")
+    names = list(results["model"])
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        batches = list(results["model"][name]["batches"])
+        width = 0.8 / len(RUNTIMES)
+        top = max(results["model"][name]["batches"][b][key]["throughput"]
+                  for b in batches for key, _ in RUNTIMES)
+        ax.set_ylim(0, 1.3 * top)                 # room for the legend above the bars
+        for i, (key, label) in enumerate(RUNTIMES):
+            values = [results["model"][name]["batches"][b][key]["throughput"] for b in batches]
+            bars = ax.bar([j + i * width for j in range(len(batches))], values, width,
+                          label=label)
+            ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        ax.set_xticks([j + width for j in range(len(batches))], [f"batch {b}" for b in batches])
+        ax.set_ylabel("images / s (median latency)")
+        ax.set_title(MODEL_NAMES.get(name, name))
+        ax.legend(loc="upper left", ncol=3, fontsize=9)
+    fig.suptitle(f"Model level throughput, {results['machine']['cpu']}, "
+                 f"{results['machine']['cores']} cores (higher is better)")
+    fig.tight_layout()
+    return fig
+
+
+def _service_plot(results: dict):
+    """Per model: throughput (top) and latency percentiles (bottom) against concurrency."""
+    import matplotlib.pyplot as plt
+
+    names = list(results["service"])
+    fig, axes = plt.subplots(2, len(names), figsize=(6 * len(names), 8), squeeze=False)
+    for col, name in enumerate(names):
+        svc = results["service"][name]
+        conc = list(svc["load"])
+        ax = axes[0][col]
+        ax.plot(conc, [svc["load"][c]["throughput"] for c in conc], "o-", label="service")
+        ax.plot(conc, [svc["raw"]["batches"][str(svc["load"][c]["raw_batch"])]["throughput"]
+                       for c in conc], "s--", label="raw session.run")
+        ax.set_ylabel("requests / s")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{MODEL_NAMES.get(name, name)}: throughput")
         ax.legend()
-        fig.tight_layout()
-        written.append(_save(fig, out_dir / f"{stem}-diagnostics.png"))
-    return written
+        ax = axes[1][col]
+        for q in ("p50", "p95", "p99"):
+            ax.plot(conc, [svc["load"][c][f"{q}_ms"] for c in conc], "o-", label=f"service {q}")
+        ax.axhline(svc["raw"]["batches"]["1"]["p50_ms"], color="grey", linestyle="--",
+                   label="raw p50, batch 1")
+        ax.set_xlabel("concurrency")
+        ax.set_yscale("log")
+        ax.set_ylabel("latency ms (log scale)")
+        ax.set_title(f"{MODEL_NAMES.get(name, name)}: latency")
+        ax.legend()
+    fig.suptitle("Service level: stepnet serve on loopback vs raw session.run")
+    fig.tight_layout()
+    return fig
+
+
+def _diagnostics_plot(results: dict):
+    """The cost of the diagnostics outputs per model and batch, against the 5% target."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    labels, values = [], []
+    for name, diag in results["diagnostics"].items():
+        for batch, row in diag["batches"].items():
+            labels.append(f"{SHORT_NAMES.get(name, name)}\nbatch {batch}")
+            values.append(100 * row["cost"])
+    bars = ax.bar(labels, values, color=["tab:red" if v > 5 else "tab:green" for v in values])
+    ax.bar_label(bars, fmt="%+.1f%%")
+    ax.axhline(5, color="grey", linestyle="--", label="target: 5%")
+    ax.set_ylim(min(0, 1.2 * min(values)), 1.2 * max(max(values), 5))
+    ax.set_ylabel("latency with diagnostics / without - 1 (%)")
+    ax.set_title("Cost of the diagnostics outputs")
+    ax.legend()
+    fig.tight_layout()
+    return fig
 
 
 def _save(fig, path: Path) -> Path:

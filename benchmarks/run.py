@@ -133,7 +133,7 @@ def wait_for_quiet(limit: float, max_wait_s: float = 1200.0, poll_s: float = 30.
 def run(settings: BenchSettings, models: tuple[str, ...], parts: tuple[str, ...], out_dir: Path,
         wait_load: float = 0.0) -> list[Path]:
     """Measure, write the results and return the paths written."""
-    from benchmarks import models as model_bench, report, service
+    from benchmarks import model_level, report
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("stepnet bench: %(message)s"))
@@ -149,39 +149,10 @@ def run(settings: BenchSettings, models: tuple[str, ...], parts: tuple[str, ...]
                                               "models": list(models), "parts": list(parts)},
                    "load_average_start": load_start, "quiet_wait": waited,
                    "model": {}, "diagnostics": {}, "profiles": {}, "service": {}, "http": None,
-                   "train": None}
-        benches = {}
-        for name in models:
-            benches[name] = getattr(model_bench, name)()
-        for name, bench in benches.items():
-            if "model" in parts:
-                results["model"][name] = model_bench.model_level(bench, settings.batches,
-                                                                 settings.model_budget, threads)
-                if settings.mode == "full":
-                    results["profiles"][name] = {
-                        variant: model_bench.profile_ops(proto, bench.input_shape, 8, threads)
-                        for variant, proto in bench.graphs.items()}
-            if "diagnostics" in parts:
-                results["diagnostics"][name] = model_bench.diagnostics_cost(
-                    bench, settings.diagnostics_batches, settings.diagnostics_budget, threads)
-        if "model" in parts and "digits" in models:
-            results["int8_quality"] = model_bench.int8_quality(benches["digits"])
-        if "service" in parts:
-            with tempfile.TemporaryDirectory(prefix="stepnet-bench-") as tmp:
-                tmp = Path(tmp)
-                for name, bench in benches.items():
-                    version = (service.digits_version(tmp / "repo-digits") if name == "digits"
-                               else service.stepnet50_version(tmp / "repo-stepnet50", bench))
-                    results["service"][name] = service.service_level(
-                        name, version, settings.concurrencies, settings.load_seconds,
-                        settings.load_min_requests, settings.load_max_requests,
-                        settings.raw_budget, threads, tmp)
-        if "http" in parts:
-            from benchmarks.http_layer import http_layer
-
-            with tempfile.TemporaryDirectory(prefix="stepnet-bench-") as tmp:
-                results["http"] = http_layer(service.digits_version(Path(tmp) / "repo"),
-                                             settings.http_requests, Path(tmp))
+                   "train": None, "gpu": None}
+        benches = {name: getattr(model_level, name)() for name in models}
+        _model_parts(results, benches, settings, parts, threads)
+        _serving_parts(results, benches, settings, parts, threads)
         if "train" in parts:
             from benchmarks.training import training_part
 
@@ -192,8 +163,6 @@ def run(settings: BenchSettings, models: tuple[str, ...], parts: tuple[str, ...]
 
             results["gpu"] = gpu.gpu_part(benches, settings.gpu_batches, settings.gpu_budget,
                                           threads, results["machine"]["gpu"])
-        else:
-            results["gpu"] = None
         results["targets"] = targets(results)
         results["load_average_end"] = machine.load_average()
         results["seconds"] = round(time.time() - started, 1)
@@ -201,6 +170,48 @@ def run(settings: BenchSettings, models: tuple[str, ...], parts: tuple[str, ...]
     finally:
         for name in ("benchmarks", "export"):
             logging.getLogger(name).removeHandler(handler)
+
+
+def _model_parts(results: dict, benches: dict, settings: BenchSettings, parts: tuple[str, ...],
+                 threads: int) -> None:
+    """Model level (with ONNX Runtime's op profile in full mode), the diagnostics cost, int8 quality."""
+    from benchmarks import model_level
+
+    for name, bench in benches.items():
+        if "model" in parts:
+            results["model"][name] = model_level.model_level(bench, settings.batches, settings.model_budget,
+                                                             threads)
+            if settings.mode == "full":
+                results["profiles"][name] = {
+                    variant: model_level.profile_ops(proto, bench.input_shape, 8, threads)
+                    for variant, proto in bench.graphs.items()}
+        if "diagnostics" in parts:
+            results["diagnostics"][name] = model_level.diagnostics_cost(
+                bench, settings.diagnostics_batches, settings.diagnostics_budget, threads)
+    if "model" in parts and "digits" in benches:
+        results["int8_quality"] = model_level.int8_quality(benches["digits"])
+
+
+def _serving_parts(results: dict, benches: dict, settings: BenchSettings, parts: tuple[str, ...],
+                   threads: int) -> None:
+    """A real `stepnet serve` under load against raw session.run, and the HTTP layer's cost."""
+    from benchmarks import service
+
+    if "service" in parts:
+        with tempfile.TemporaryDirectory(prefix="stepnet-bench-") as tmp:
+            tmp = Path(tmp)
+            for name, bench in benches.items():
+                version = (service.digits_version(tmp / "repo-digits") if name == "digits"
+                           else service.stepnet50_version(tmp / "repo-stepnet50", bench))
+                results["service"][name] = service.service_level(
+                    name, version, settings.concurrencies, settings.load_seconds, settings.load_min_requests,
+                    settings.load_max_requests, settings.raw_budget, threads, tmp)
+    if "http" in parts:
+        from benchmarks.http_layer import http_layer
+
+        with tempfile.TemporaryDirectory(prefix="stepnet-bench-") as tmp:
+            results["http"] = http_layer(service.digits_version(Path(tmp) / "repo"), settings.http_requests,
+                                         Path(tmp))
 
 
 def _write(results: dict, out_dir: Path, report) -> list[Path]:

@@ -10,7 +10,8 @@ DATASET_HELP = "digits | cifar10 | cifar100 | imagefolder (default: the checkpoi
 def _cmd_export(args) -> int:
     from export import variants, verify
     from export.pipeline import export_checkpoint
-    from export.metadata import read_model_json
+    from stepnet.repository import METADATA_FILE
+    from stepnet.repository.metadata import parse
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("stepnet export: %(message)s"))
@@ -36,20 +37,20 @@ def _cmd_export(args) -> int:
         return 1
     finally:
         logger.removeHandler(handler)
-    meta = read_model_json(target)
-    print(verify.format_table(meta["verification"]))
-    acc = meta["accuracy"]
-    print(f"\n{meta['name']} version {meta['version']}: {meta['family']}-{meta['depth']}, "
-          f"{len(meta['layers'])} ai.stepnet step nodes, top-1 {acc['top1']:.4f} on "
-          f"{acc['samples']} {acc['dataset']} test images; written to {target}")
-    for name, entry in meta.get("variants", {}).items():
+    meta = parse((target / METADATA_FILE).read_bytes())
+    print(verify.format_table(meta.verification))
+    acc = meta.accuracy
+    print(f"\n{meta.name} version {meta.version}: {meta.family}-{meta.depth}, "
+          f"{len(meta.layers)} ai.stepnet step nodes, top-1 {acc.top1:.4f} on "
+          f"{acc.samples} {acc.dataset} test images; written to {target}")
+    for name, entry in (meta.variants or {}).items():
         print(f"  {entry['file']}: {variants.format_report(name, entry['verification'])}")
     return 0
 
 
 def _cmd_graph(args) -> int:
     from export.listing import describe, load
-    from export.metadata import MODEL_FILE
+    from stepnet.repository import MODEL_FILE
     from stepnet.errors import UserError
 
     path = args.path / MODEL_FILE if args.path.is_dir() else args.path

@@ -50,6 +50,6 @@ def export_form(model: StepNet) -> StepNet:
             if isinstance(branch, BottleneckBranch):
                 branch.conv2 = fuse_conv_bn_eval(branch.conv2, branch.bn3)
                 branch.bn3 = nn.Identity()
-            block.step = FusedStep(block.step)
+            block.step = FusedStep(block)
     form.bn = ChannelAffine(form.bn)
     return form

@@ -19,7 +19,7 @@ from torch import nn
 
 from export import steps
 from export.fold import export_form
-from export.metadata import INPUT, OUTPUTS
+from stepnet.repository import INPUT, OUTPUTS, STEP_DOMAIN
 from models.net import StepNet
 
 OPSET = 18          # ONNX Runtime 1.31 (and most runtimes since 2023) run opset 18
@@ -58,7 +58,7 @@ def _layer_of(node: ir.Node, layers: list[dict]) -> str:
 
 def _name_steps(model: ir.Model, layers: list[dict]) -> list[steps.StepKind]:
     """Name each step node and its outputs after its layer; returns the kinds used, in order."""
-    nodes = [n for n in model.graph if n.domain == steps.DOMAIN]
+    nodes = [n for n in model.graph if n.domain == STEP_DOMAIN]
     names = [_layer_of(n, layers) for n in nodes]
     if names != [row["name"] for row in layers]:
         raise GraphError(f"step nodes {names} do not match the layer table")
@@ -92,8 +92,8 @@ def build_onnx(model: StepNet, opset: int = OPSET) -> onnx.ModelProto:
         warnings.simplefilter("ignore")
         proto.functions.extend(steps.function_proto(k, opset) for k in dict.fromkeys(kinds))
     domains = {n.domain for n in proto.graph.node} | {f.domain for f in proto.functions}
-    if domains - {"", steps.DOMAIN}:
-        raise GraphError(f"unexpected operator domains {sorted(domains - {'', steps.DOMAIN})}")
+    if domains - {"", STEP_DOMAIN}:
+        raise GraphError(f"unexpected operator domains {sorted(domains - {'', STEP_DOMAIN})}")
     left = [n.name for n in proto.graph.node if n.op_type == "BatchNormalization"]
     if left:
         raise GraphError(f"BatchNormalization left after folding: {left}")

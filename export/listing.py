@@ -5,7 +5,7 @@ from pathlib import Path
 
 import onnx
 
-STEP_DOMAIN = "ai.stepnet"
+from stepnet.repository import STEP_DOMAIN
 
 
 def load(path: str | Path) -> onnx.ModelProto:

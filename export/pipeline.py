@@ -8,17 +8,18 @@ Everything the user can get wrong (names, paths, versions, checkpoint, data) is 
 the slow steps, and nothing touches the repository until the last step.
 """
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from export import calibration, graph, metadata, runtime, variants, verify
+from export import calibration, graph, metadata, runtime, samples, variants, verify
 from export.repository import resolve_version, write_version
 from models import checkpoint, data
 from stepnet.errors import UserError
+from stepnet.repository import METADATA_KEY, MODEL_FILE, VARIANT_FILES
+from stepnet.repository.metadata import ModelMetadata, to_json
 
 log = logging.getLogger(__name__)
 REFERENCE_SAMPLES = 2
@@ -39,11 +40,6 @@ def _calibration_data(info: data.DataInfo, dataset: str, data_dir: Path | None,
     return test_set
 
 
-def _batches(dataset, indices: np.ndarray, batch_size: int = 32):
-    for start in range(0, len(indices), batch_size):
-        yield calibration.load_images(dataset, indices[start:start + batch_size])[0]
-
-
 def _variants(proto: onnx.ModelProto, requested: tuple[str, ...], fp32_outputs: tuple,
               test_set, indices: np.ndarray, train_set, int8_samples: int,
               tolerances: variants.VariantTolerances) -> tuple[dict, dict]:
@@ -54,16 +50,17 @@ def _variants(proto: onnx.ModelProto, requested: tuple[str, ...], fp32_outputs: 
             log.info("fp16 variant: converting and verifying")
             protos[name], made = variants.to_fp16(proto), variants.settings(name)
         else:
-            train_indices = calibration.spread(len(train_set), int8_samples)
+            train_indices = samples.evenly_spaced(len(train_set), int8_samples)
             log.info("int8 variant: calibrating on %d training images and verifying",
                      len(train_indices))
-            protos[name] = variants.to_int8(proto, _batches(train_set, train_indices))
+            protos[name] = variants.to_int8(proto, (images for images, _ in
+                                                    samples.batches(train_set, train_indices, 32)))
             made = variants.settings(name, {"split": "train", "samples": int(len(train_indices))})
         report = variants.verify(name, protos[name], fp32_outputs, test_set, indices, tolerances)
         log.info(variants.format_report(name, report))
         if not report["passed"]:
             raise variants.VariantError(name, report)
-        entries[name] = {"file": variants.FILES[name], **made, "verification": report}
+        entries[name] = {"file": VARIANT_FILES[name], **made, "verification": report}
     return protos, entries
 
 
@@ -86,35 +83,23 @@ def export_checkpoint(checkpoint_dir: str | Path, repository: str | Path, name: 
     Raises UserError for bad input (nothing written), and verify.VerificationError or
     variants.VariantError when the graph or a variant does not match (nothing written; the report
     is on the exception)."""
-    unknown = set(variant_names) - set(variants.VARIANTS)
-    if unknown:
-        raise UserError(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from "
-                        f"{', '.join(variants.VARIANTS)}")
-    variant_names = tuple(v for v in variants.VARIANTS if v in variant_names)
+    variant_names = _requested_variants(variant_names)
     repository = Path(repository)
     version = resolve_version(repository, name, version, force)
     model, info, config = checkpoint.load(checkpoint_dir)
     dataset = calibration_dataset or config.get("dataset", info.name)
-    test_set = _calibration_data(info, dataset, Path(data_dir) if data_dir else None)
-    indices = calibration.spread(len(test_set), calibration_samples)
+    data_dir = Path(data_dir) if data_dir else None
+    test_set = _calibration_data(info, dataset, data_dir)
+    indices = samples.evenly_spaced(len(test_set), calibration_samples)
     if len(indices) < max(verify_samples, verify.MIN_SAMPLES):
         raise UserError(f"{dataset} test split: {len(indices)} images available for calibration, "
                         f"verification needs at least {max(verify_samples, verify.MIN_SAMPLES)}")
-    train_set = (_calibration_data(info, dataset, Path(data_dir) if data_dir else None, "train")
-                 if "int8" in variant_names else None)
+    train_set = _calibration_data(info, dataset, data_dir, "train") if "int8" in variant_names else None
 
-    log.info("building the ONNX graph of %s-%d", model.cfg.family, model.cfg.depth)
-    proto = graph.build_onnx(model, opset)
-    log.info("verifying against PyTorch on %d %s test images", verify_samples, dataset)
-    images, _ = calibration.load_images(test_set, indices[calibration.spread(len(indices),
-                                                                             verify_samples)])
-    report = verify.verify(proto, model, images, reference_samples, tolerances)
-    if not report["passed"]:
-        raise verify.VerificationError(report)
-
+    proto, report = _build_and_verify(model, test_set, indices, dataset, opset, verify_samples,
+                                      reference_samples, tolerances)
     log.info("calibrating on %d %s test images", len(indices), dataset)
-    logits, step_size, nsi, labels = calibration.run_graph(runtime.cpu_session(proto), test_set,
-                                                           indices)
+    logits, step_size, nsi, labels = samples.run_graph(runtime.cpu_session(proto), test_set, indices)
     protos, entries = _variants(proto, variant_names, (logits, step_size, nsi), test_set, indices,
                                 train_set, int8_calibration_samples, variant_tolerances)
     layers = model.layers()
@@ -125,18 +110,43 @@ def export_checkpoint(checkpoint_dir: str | Path, repository: str | Path, name: 
         accuracy={"dataset": dataset, "split": "test",
                   "top1": float((logits.argmax(1) == labels).mean()), "samples": int(len(labels)),
                   "checkpoint_top1": config.get("test_accuracy")},
-        verification=report)
-    if entries:
-        meta["variants"] = entries
-    files = {metadata.MODEL_FILE: proto, **{variants.FILES[v]: p for v, p in protos.items()}}
-    for file, graph_proto in files.items():
-        graph_proto.producer_name = "stepnet export"
-        graph_proto.producer_version = meta["exporter_version"]
-        graph_proto.doc_string = (f"{name} version {version}: {model.cfg.family}-{model.cfg.depth} "
-                                  f"(StepNet)" + ("" if file == metadata.MODEL_FILE else f", {file}"))
-        onnx.helper.set_model_props(graph_proto,
-                                    {metadata.METADATA_KEY: json.dumps(meta, allow_nan=False)})
+        verification=report, variants=entries or None)
+    files = _stamped({MODEL_FILE: proto, **{VARIANT_FILES[v]: p for v, p in protos.items()}}, meta,
+                     f"{model.cfg.family}-{model.cfg.depth}")
     target = write_version(repository, name, version,
                            {f: p.SerializeToString() for f, p in files.items()}, meta, force)
     log.info("wrote %s", target)
     return target
+
+
+def _requested_variants(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The variants asked for, in the order they are made; UserError for an unknown one."""
+    unknown = set(names) - set(variants.VARIANTS)
+    if unknown:
+        raise UserError(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from "
+                        f"{', '.join(variants.VARIANTS)}")
+    return tuple(v for v in variants.VARIANTS if v in names)
+
+
+def _build_and_verify(model, test_set, indices: np.ndarray, dataset: str, opset: int, verify_samples: int,
+                      reference_samples: int, tolerances: verify.Tolerances) -> tuple[onnx.ModelProto, dict]:
+    """The graph and its verification report; VerificationError when it does not match."""
+    log.info("building the ONNX graph of %s-%d", model.cfg.family, model.cfg.depth)
+    proto = graph.build_onnx(model, opset)
+    log.info("verifying against PyTorch on %d %s test images", verify_samples, dataset)
+    images, _ = samples.load_images(test_set, indices[samples.evenly_spaced(len(indices), verify_samples)])
+    report = verify.verify(proto, model, images, reference_samples, tolerances)
+    if not report["passed"]:
+        raise verify.VerificationError(report)
+    return proto, report
+
+
+def _stamped(files: dict[str, onnx.ModelProto], meta: ModelMetadata, architecture: str) -> dict[str, onnx.ModelProto]:
+    """Each graph file with its producer, a description and the metadata mirror (all but "files")."""
+    for file, proto in files.items():
+        proto.producer_name = "stepnet export"
+        proto.producer_version = meta.exporter_version
+        proto.doc_string = (f"{meta.name} version {meta.version}: {architecture} (StepNet)"
+                            + ("" if file == MODEL_FILE else f", {file}"))
+        onnx.helper.set_model_props(proto, {METADATA_KEY: to_json(meta, files=False)})
+    return files

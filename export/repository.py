@@ -14,9 +14,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from export import metadata
 from stepnet.errors import UserError
-from stepnet.repository import MODEL_NAME_RULE, is_version, valid_model_name
+from stepnet.repository import METADATA_FILE, MODEL_NAME_RULE, PARTIAL, REPLACED, is_version, valid_model_name
+from stepnet.repository.metadata import FileEntry, ModelMetadata, to_json
 
 
 def check_name(name: str) -> str:
@@ -68,7 +68,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_version(repository: Path, name: str, version: int, files: dict[str, bytes], meta: dict,
+def write_version(repository: Path, name: str, version: int, files: dict[str, bytes], meta: ModelMetadata,
                   force: bool = False) -> Path:
     """Write `files` and model.json (`meta` plus the files' sha256 and size) as version `version`
     of model `name`, atomically. Returns the version folder."""
@@ -79,20 +79,18 @@ def write_version(repository: Path, name: str, version: int, files: dict[str, by
         created.append(folder)
         folder = folder.parent
     model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.partial-", dir=model_dir))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}{PARTIAL}", dir=model_dir))
     old = None
     try:
         tmp.chmod(0o755)                       # mkdtemp makes it private; a server must read it
         for filename, data in files.items():
             _write(tmp / filename, data)
-        listing = {f: {"sha256": hashlib.sha256(d).hexdigest(), "bytes": len(d)}
-                   for f, d in files.items()}
-        _write(tmp / metadata.METADATA_FILE,
-               metadata.to_json({**meta, "files": listing}).encode())
+        listing = {f: FileEntry(sha256=hashlib.sha256(d).hexdigest(), bytes=len(d)) for f, d in files.items()}
+        _write(tmp / METADATA_FILE, to_json(meta.model_copy(update={"files": listing})).encode())
         if target.exists():
             if not force:
                 raise UserError(f"{target} already exists (use --force to replace it)")
-            old = model_dir / f".{version}.replaced-{tmp.name.rsplit('-', 1)[1]}"
+            old = model_dir / f".{version}{REPLACED}{tmp.name.rsplit('-', 1)[1]}"
             os.rename(target, old)
         os.rename(tmp, target)
     except BaseException:

@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from export.metadata import INPUT, OUTPUTS
+from stepnet.repository import INPUT, OUTPUTS
 
 
 def cpu_session(model: onnx.ModelProto | bytes) -> ort.InferenceSession:
@@ -18,12 +18,8 @@ def run(session: ort.InferenceSession, images: np.ndarray,
         batch_sizes: list[int] | int = 64) -> tuple[np.ndarray, ...]:
     """(logits, step_size, nsi) for `images` [N, C, H, W], run in batches: a list gives the
     sizes of the batches in order, an int the size of every batch."""
-    if isinstance(batch_sizes, int):
-        batch_sizes = [batch_sizes] * -(-len(images) // batch_sizes)
-    parts, start = [], 0
-    for size in batch_sizes:
-        batch = np.ascontiguousarray(images[start:start + size], dtype=np.float32)
-        if len(batch):
-            parts.append(session.run(list(OUTPUTS), {INPUT: batch}))
-        start += size
+    from export.samples import chunks
+
+    parts = [session.run(list(OUTPUTS), {INPUT: np.ascontiguousarray(images[part], dtype=np.float32)})
+             for part in chunks(len(images), batch_sizes)]
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(len(OUTPUTS)))

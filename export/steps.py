@@ -9,7 +9,7 @@ How the graph gets there (the issue offers two routes; this is the dynamo one):
 
 1. Every `models.net.Step` of the model is swapped for a `FusedStep` that calls a PyTorch custom
    operator (`torch.ops.stepnet.<kind>`) with the step's tensors in a fixed order: x, f,
-   [x_prev, f_prev], [fc1_weight, fc1_bias, fc2_weight, fc2_bias]. The dynamo exporter keeps the
+   [x_prev, f_prev], then the adaptor's weights in the order its `weights` lists them. The dynamo exporter keeps the
    custom operator opaque, and its translation (below) emits one `ai.stepnet` node for it, with the
    inputs in that order by construction.
 2. The function body of each kind is the same step, exported on its own with every dimension
@@ -26,7 +26,6 @@ embed each stage's static shapes. The custom operator makes the roles explicit i
 """
 
 import functools
-import re
 from dataclasses import dataclass
 
 import onnx
@@ -36,54 +35,57 @@ from onnxscript import values as onnxscript_values
 from torch import nn
 
 from models import net
+from stepnet.repository import STEP_DOMAIN, STEP_DOMAIN_VERSION
 
-DOMAIN = "ai.stepnet"
-DOMAIN_VERSION = 1
 OUTPUTS = ("x_next", "step_size", "nsi")
 PREV = ("x_prev", "f_prev")
-WEIGHTS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
-ADAPTORS = {cls.__name__: cls for cls in (net.ConstantStep, net.SqueezeExcitationStep,
-                                          net.StiffnessAwareStep)}
+# op_name -> adaptor class; the op types are public (graph tools show them) and spelled out here
+ADAPTORS = {cls.op_name: cls for cls in (net.ConstantAdaptor, net.SqueezeExcitationAdaptor,
+                                         net.StiffnessAwareAdaptor)}
+OP_TYPES = {(adaptor, first): f"{adaptor}{'FirstStep' if first else 'Step'}"
+            for adaptor in ADAPTORS for first in (True, False)}
+TORCH_NAMES = {"Constant": "constant", "SqueezeExcitation": "squeeze_excitation",
+               "StiffnessAware": "stiffness_aware"}
 
 
 @dataclass(frozen=True)
 class StepKind:
     """What a step node needs to know: its adaptor and whether the block has a predecessor."""
-    adaptor: str        # a key of ADAPTORS
+    adaptor: str        # an adaptor's op_name, a key of ADAPTORS
     first: bool         # first block of its stage: no x_prev / f_prev, NSI undefined
 
     @property
     def op_type(self) -> str:
-        return self.adaptor.removesuffix("Step") + ("FirstStep" if self.first else "Step")
+        return OP_TYPES[(self.adaptor, self.first)]
 
     @property
-    def has_weights(self) -> bool:
-        return self.adaptor != "ConstantStep"
+    def weights(self) -> tuple[tuple[str, str], ...]:
+        """(node input, adaptor parameter) pairs, in the node's order."""
+        return ADAPTORS[self.adaptor].weights
 
     @property
     def inputs(self) -> tuple[str, ...]:
-        return ("x", "f") + (() if self.first else PREV) + (WEIGHTS if self.has_weights else ())
+        return ("x", "f") + (() if self.first else PREV) + tuple(name for name, _ in self.weights)
 
     @property
     def torch_name(self) -> str:
         """The custom operator's name, e.g. stepnet::stiffness_aware_first_step."""
-        return "stepnet::" + re.sub(r"(?<!^)(?=[A-Z])", "_", self.op_type).lower()
+        return f"stepnet::{TORCH_NAMES[self.adaptor]}{'_first' if self.first else ''}_step"
 
     def template(self) -> net.Step:
         """A step module of this kind; its weights are placeholders that StepKernel replaces."""
         adaptor = ADAPTORS[self.adaptor]
-        module = adaptor() if not self.has_weights else adaptor(channels=4, reduction=1)
-        return (net.FirstStep if self.first else net.Step)(module)
+        return net.Step(adaptor() if adaptor is net.ConstantAdaptor else adaptor(channels=4, reduction=1))
 
 
 KINDS = tuple(StepKind(a, first) for a in ADAPTORS for first in (True, False))
 
 
-def kind_of(step: net.Step) -> StepKind:
-    name = type(step.adaptor).__name__
-    if name not in ADAPTORS:
-        raise TypeError(f"no fused step for adaptor {name}")
-    return StepKind(name, isinstance(step, net.FirstStep))
+def kind_of(block: net.Block) -> StepKind:
+    adaptor = type(block.step.adaptor)
+    if ADAPTORS.get(getattr(adaptor, "op_name", None)) is not adaptor:
+        raise TypeError(f"no fused step for adaptor {adaptor.__name__}")
+    return StepKind(adaptor.op_name, block.first)
 
 
 class StepKernel(nn.Module):
@@ -97,9 +99,9 @@ class StepKernel(nn.Module):
 
     def forward(self, *tensors):
         named = dict(zip(self.kind.inputs, tensors, strict=True))
-        weights = {"adaptor." + n.replace("_", ".", 1): named[n] for n in WEIGHTS if n in named}
-        args = tuple(named[n] for n in ("x", "f", *PREV) if n in named)
-        return torch.func.functional_call(self.step, weights, args)   # x_next, step_size, nsi
+        weights = {"adaptor." + parameter: named[name] for name, parameter in self.kind.weights}
+        prev = None if self.kind.first else net.Predecessor(named["x_prev"], named["f_prev"])
+        return tuple(torch.func.functional_call(self.step, weights, (named["x"], named["f"], prev)))
 
 
 def _register_custom_op(kind: StepKind):
@@ -123,29 +125,26 @@ CUSTOM_OPS = {kind: _register_custom_op(kind) for kind in KINDS}
 
 
 class FusedStep(nn.Module):
-    """Stands in for a models.net.Step in the export form: the same step, called through the
-    custom operator so that the exporter sees one opaque operation with explicit roles."""
+    """Stands in for a block's models.net.Step in the export form: the same step, called through
+    the custom operator so that the exporter sees one opaque operation with explicit roles."""
 
-    def __init__(self, step: net.Step):
+    def __init__(self, block: net.Block):
         super().__init__()
-        self.kind = kind_of(step)
-        self.adaptor = step.adaptor
+        self.kind = kind_of(block)
+        self.adaptor = block.step.adaptor
 
-    def forward(self, x, f, *prev):
-        weights = ()
-        if self.kind.has_weights:
-            a = self.adaptor
-            weights = (a.fc1.weight, a.fc1.bias, a.fc2.weight, a.fc2.bias)
-        return CUSTOM_OPS[self.kind](x, f, *prev, *weights)
+    def forward(self, x, f, prev: net.Predecessor | None = None, diagnostics: bool = True) -> net.StepOutput:
+        weights = tuple(self.adaptor.get_parameter(parameter) for _, parameter in self.kind.weights)
+        return net.StepOutput(*CUSTOM_OPS[self.kind](x, f, *(prev or ()), *weights))
 
 
 def _onnx_op(kind: StepKind):
     schema = OpSchema(
-        kind.op_type, DOMAIN, DOMAIN_VERSION,
+        kind.op_type, STEP_DOMAIN, STEP_DOMAIN_VERSION,
         inputs=[OpSchema.FormalParameter(n, "T") for n in kind.inputs],
         outputs=[OpSchema.FormalParameter(n, "T") for n in OUTPUTS],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "float tensors")])
-    return onnxscript_values.Op(onnxscript_values.Opset(DOMAIN, DOMAIN_VERSION), kind.op_type, schema)
+    return onnxscript_values.Op(onnxscript_values.Opset(STEP_DOMAIN, STEP_DOMAIN_VERSION), kind.op_type, schema)
 
 
 def translation_table() -> dict:
@@ -163,7 +162,7 @@ def _example_inputs(kind: StepKind) -> tuple[torch.Tensor, ...]:
     b, c, h, w, hidden = 2, 6, 5, 7, 3
     gen = torch.Generator().manual_seed(0)
     shapes = {"x": (b, c, h, w), "f": (b, c, h, w), "x_prev": (b, c, h, w), "f_prev": (b, c, h, w),
-              "fc1_weight": (hidden, 2 * c if kind.adaptor == "StiffnessAwareStep" else c),
+              "fc1_weight": (hidden, 2 * c if ADAPTORS[kind.adaptor].uses_stiffness else c),
               "fc1_bias": (hidden,), "fc2_weight": (c, hidden), "fc2_bias": (c,)}
     return tuple(torch.randn(shapes[n], generator=gen) for n in kind.inputs)
 
@@ -183,6 +182,6 @@ def function_proto(kind: StepKind, opset: int) -> onnx.FunctionProto:
     if foreign:
         raise RuntimeError(f"the {kind.op_type} body uses non-standard domains {sorted(foreign)}")
     return onnx.helper.make_function(
-        DOMAIN, kind.op_type, list(kind.inputs), list(OUTPUTS), constants + list(graph.node),
+        STEP_DOMAIN, kind.op_type, list(kind.inputs), list(OUTPUTS), constants + list(graph.node),
         opset_imports=[onnx.helper.make_opsetid("", opset)],
         doc_string=f"x_next = x + h * f with its diagnostics (DESIGN 1.4); adaptor {kind.adaptor}")

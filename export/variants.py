@@ -36,12 +36,12 @@ import numpy as np
 import onnx
 from onnx.reference import ReferenceEvaluator
 
-from export import calibration, runtime, steps
-from export.metadata import INPUT
+from export import runtime, samples
+from export.compare import max_abs_diff, max_rel_diff, same_nan
 from export.verify import structure
+from stepnet.repository import INPUT, STEP_DOMAIN
 
 VARIANTS = ("fp16", "int8")
-FILES = {"fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 INT8_CALIBRATION_SAMPLES = 512
 QUANTIZED_OPS = ("Conv", "Gemm", "Relu")
 
@@ -91,7 +91,7 @@ def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
     """The fp16 graph: float32 inputs and outputs, step nodes in float32."""
     from onnxconverter_common import float16
 
-    step_ops = sorted({n.op_type for n in proto.graph.node if n.domain == steps.DOMAIN})
+    step_ops = sorted({n.op_type for n in proto.graph.node if n.domain == STEP_DOMAIN})
     with warnings.catch_warnings():   # it warns for each weight below fp16's range: verify() judges
         warnings.simplefilter("ignore")
         converted = float16.convert_float_to_float16(
@@ -101,7 +101,7 @@ def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _feeds_step_branch(quantizer, tensor: str) -> bool:
-    return any(n.domain == steps.DOMAIN and len(n.input) > 1 and n.input[1] == tensor
+    return any(n.domain == STEP_DOMAIN and len(n.input) > 1 and n.input[1] == tensor
                for n in quantizer.model.graph().node)
 
 
@@ -181,17 +181,6 @@ def settings(variant: str, calibration: dict | None = None) -> dict:
             "calibration": calibration}
 
 
-def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
-    both = ~(np.isnan(a) | np.isnan(b))
-    return float(np.max(np.abs(a[both].astype(np.float64) - b[both]), initial=0.0))
-
-
-def max_rel_diff(a: np.ndarray, b: np.ndarray) -> float:
-    both = ~(np.isnan(a) | np.isnan(b))
-    ref = np.abs(b[both].astype(np.float64))
-    return float(np.max(np.abs(a[both] - b[both]) / np.maximum(ref, 1e-12), initial=0.0))
-
-
 def compare(outputs: tuple[np.ndarray, ...], fp32_outputs: tuple[np.ndarray, ...]) -> dict:
     """How far a variant's (logits, step_size, nsi) lie from the fp32 graph's on the same images."""
     logits, step_size, nsi = outputs[:3]
@@ -215,7 +204,7 @@ def verify(variant: str, proto: onnx.ModelProto, fp32_outputs: tuple[np.ndarray,
     on dataset[indices]; its "passed" says whether every limit holds."""
     classes, layers = fp32_outputs[0].shape[1], fp32_outputs[2].shape[1]
     report = structure(proto, classes, layers)
-    *outputs, labels = calibration.run_graph(runtime.cpu_session(proto), dataset, indices)
+    *outputs, labels = samples.run_graph(runtime.cpu_session(proto), dataset, indices)
     logits, _, nsi = outputs
     fp32_top1 = float((fp32_outputs[0].argmax(1) == labels).mean())
     top1 = float((logits.argmax(1) == labels).mean())
@@ -223,7 +212,7 @@ def verify(variant: str, proto: onnx.ModelProto, fp32_outputs: tuple[np.ndarray,
         "samples": int(len(labels)),
         "top1": top1, "fp32_top1": fp32_top1, "accuracy_change": top1 - fp32_top1,
         **compare(outputs, fp32_outputs),
-        "nan_positions_identical": bool(np.array_equal(np.isnan(nsi), np.isnan(fp32_outputs[2]))),
+        "nan_positions_identical": same_nan(nsi, fp32_outputs[2]),
     })
     checks = {"checker": report["checker"] == "passed",
               "shape_inference": report["shape_inference"] == "passed",
@@ -231,7 +220,7 @@ def verify(variant: str, proto: onnx.ModelProto, fp32_outputs: tuple[np.ndarray,
               "accuracy_drop": -report["accuracy_change"] <= tolerances.accuracy_drop,
               "nan_positions_identical": report["nan_positions_identical"]}
     if variant == "fp16":
-        few, _ = calibration.load_images(dataset, indices[:reference_samples])
+        few, _ = samples.load_images(dataset, indices[:reference_samples])
         reference = ReferenceEvaluator(proto).run(None, {INPUT: few})
         report["reference_samples"] = len(few)
         report["reference_max_abs_diff"] = max(max_abs_diff(np.asarray(r), o[:len(few)])

@@ -18,8 +18,10 @@ import torch
 from onnx.reference import ReferenceEvaluator
 
 from export import runtime
-from export.metadata import INPUT
+from export.compare import max_abs_diff, same_nan
+from export.samples import chunks
 from models.net import StepNet
+from stepnet.repository import INPUT
 
 MIN_SAMPLES = 64
 
@@ -41,15 +43,7 @@ class VerificationError(Exception):
         self.report = report
 
 
-def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> tuple[float, bool]:
-    """Largest |a - b| where both are defined, and whether the NaN positions are identical."""
-    same_nan = bool(np.array_equal(np.isnan(a), np.isnan(b)))
-    both = ~(np.isnan(a) | np.isnan(b))
-    diff = float(np.max(np.abs(a[both].astype(np.float64) - b[both]), initial=0.0))
-    return diff, same_nan
-
-
-def _spread(n: int) -> list[int]:
+def _batch_sizes(n: int) -> list[int]:
     """Batch sizes 1, 7 and the rest: the dynamic batch dimension at work."""
     sizes = [s for s in (1, 7) if s < n]
     return sizes + [n - sum(sizes)]
@@ -93,26 +87,25 @@ def verify(proto: onnx.ModelProto, model: StepNet, images: np.ndarray, reference
 
 def _parity(proto: onnx.ModelProto, model: StepNet, images: np.ndarray,
             reference_samples: int) -> dict:
-    batches = _spread(len(images))
+    batches = _batch_sizes(len(images))
     ort_out = runtime.run(runtime.cpu_session(proto), images, batches)
     with torch.no_grad():
-        chunks = [model.eval()(torch.from_numpy(images[i:i + 32]), diagnostics=True)
-                  for i in range(0, len(images), 32)]
-    torch_out = [torch.cat(parts).numpy() for parts in zip(*chunks)]
-    logits, step_size, nsi = (_max_abs_diff(o, t) for o, t in zip(ort_out, torch_out))
+        parts = [model.eval()(torch.from_numpy(images[part]), diagnostics=True)
+                 for part in chunks(len(images), 32)]
+    torch_out = [torch.cat(outputs).numpy() for outputs in zip(*parts)]
+    logits, step_size, nsi = (max_abs_diff(o, t) for o, t in zip(ort_out, torch_out))
     few = images[:reference_samples]
-    reference = ReferenceEvaluator(proto).run(None, {INPUT: few})
-    diffs = [_max_abs_diff(np.asarray(r), o[:len(few)]) for r, o in zip(reference, ort_out)]
+    reference = [np.asarray(r) for r in ReferenceEvaluator(proto).run(None, {INPUT: few})]
     return {
         "samples": len(images), "batch_sizes": batches,
-        "logits_max_abs_diff": logits[0],
+        "logits_max_abs_diff": logits,
         "top1_agreement": float(np.mean(ort_out[0].argmax(1) == torch_out[0].argmax(1))),
-        "step_size_max_abs_diff": step_size[0],
-        "nsi_max_abs_diff": nsi[0],
-        "nan_positions_identical": nsi[1] and logits[1] and step_size[1],
+        "step_size_max_abs_diff": step_size,
+        "nsi_max_abs_diff": nsi,
+        "nan_positions_identical": all(same_nan(o, t) for o, t in zip(ort_out, torch_out)),
         "reference_samples": len(few),
-        "reference_max_abs_diff": max(d for d, _ in diffs),
-        "reference_nan_positions_identical": all(same for _, same in diffs),
+        "reference_max_abs_diff": max(max_abs_diff(r, o[:len(few)]) for r, o in zip(reference, ort_out)),
+        "reference_nan_positions_identical": all(same_nan(r, o[:len(few)]) for r, o in zip(reference, ort_out)),
     }
 
 

@@ -12,6 +12,7 @@ because a post-activation block applies a ReLU after the sum and so is not an Eu
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,91 +52,90 @@ class NetConfig:
 
 
 # ---------------------------------------------------------------- step-size adaptors (DESIGN 1.2)
+# Each adaptor names its fused ONNX node (op_name: ai.stepnet::<op_name>Step, <op_name>FirstStep)
+# and lists its weights in that node's input order: (node input, parameter) pairs.
 
-class ConstantStep(nn.Module):
+class ConstantAdaptor(nn.Module):
     """resnet: h = 1."""
-    uses_stiffness = False
+    op_name, uses_stiffness, weights = "Constant", False, ()
 
     def forward(self, f, s):
         return f.new_ones(f.shape[:2])                       # (B, C)
 
 
-class SqueezeExcitationStep(nn.Module):
+class SqueezeExcitationAdaptor(nn.Module):
     """se: h = sigmoid(W2 relu(W1 GAP(f)))."""
-    uses_stiffness = False
+    op_name, uses_stiffness = "SqueezeExcitation", False
+    weights = (("fc1_weight", "fc1.weight"), ("fc1_bias", "fc1.bias"),
+               ("fc2_weight", "fc2.weight"), ("fc2_bias", "fc2.bias"))
 
-    def __init__(self, channels: int, reduction: int):
+    def __init__(self, channels: int, reduction: int, inputs_per_channel: int = 1):
         super().__init__()
         hidden = max(channels // reduction, 4)
-        self.fc1 = nn.Linear(channels, hidden)
+        self.fc1 = nn.Linear(inputs_per_channel * channels, hidden)
         self.fc2 = nn.Linear(hidden, channels)
 
     def forward(self, f, s):
         return torch.sigmoid(self.fc2(F.relu(self.fc1(f.mean((2, 3))))))
 
 
-class StiffnessAwareStep(nn.Module):
+class StiffnessAwareAdaptor(SqueezeExcitationAdaptor):
     """stepnet: h = sigmoid(W2 relu(W1 [GAP(f) ; log1p(s)]))."""
-    uses_stiffness = True
+    op_name, uses_stiffness = "StiffnessAware", True
 
     def __init__(self, channels: int, reduction: int):
-        super().__init__()
-        hidden = max(channels // reduction, 4)
-        self.fc1 = nn.Linear(2 * channels, hidden)
-        self.fc2 = nn.Linear(hidden, channels)
+        super().__init__(channels, reduction, inputs_per_channel=2)
 
     def forward(self, f, s):
         z = torch.cat([f.mean((2, 3)), torch.log1p(s)], dim=1)   # (B, 2C)
         return torch.sigmoid(self.fc2(F.relu(self.fc1(z))))
 
 
+ADAPTORS = {"resnet": ConstantAdaptor, "se": SqueezeExcitationAdaptor, "stepnet": StiffnessAwareAdaptor}
+
+
 def make_adaptor(family: str, channels: int, reduction: int) -> nn.Module:
-    if family == "se":
-        return SqueezeExcitationStep(channels, reduction)
-    if family == "stepnet":
-        return StiffnessAwareStep(channels, reduction)
-    return ConstantStep()
+    adaptor = ADAPTORS[family]
+    return adaptor() if adaptor is ConstantAdaptor else adaptor(channels, reduction)
 
 
 # ---------------------------------------------------------------- the step (DESIGN 1.4: one node when exported)
 
-def _step_stats(h):
-    # (B, 3): mean, min, max over channels; keepdim + cat rather than stack: 3 fewer graph nodes
-    return torch.cat([h.mean(1, keepdim=True), h.amin(1, keepdim=True), h.amax(1, keepdim=True)], 1)
+class Predecessor(NamedTuple):
+    """x_{t-1} and f_{t-1}: the previous block of the same stage."""
+    x: torch.Tensor
+    f: torch.Tensor
+
+
+class StepOutput(NamedTuple):
+    x_next: torch.Tensor                 # (B, C, H, W)
+    step_size: torch.Tensor | None       # (B, 3): mean, min, max of h over channels; None in training
+    nsi: torch.Tensor | None             # (B,): NaN without a predecessor; None in training
 
 
 class Step(nn.Module):
-    """x_next = x + h * f for a block with a predecessor in its stage, with its diagnostics."""
+    """One explicit Euler step, x_next = x + h * f, with h from the adaptor and, with
+    diagnostics, the step-size statistics and the NSI. Without a predecessor (the first block of
+    a stage) s is 0 and NSI undefined. Without diagnostics (training) only what h needs is
+    computed."""
 
     def __init__(self, adaptor: nn.Module):
         super().__init__()
         self.adaptor = adaptor
 
-    def forward(self, x, f, x_prev, f_prev):
-        s, nsi = stiffness.estimates(x, x_prev, f, f_prev)
-        h = self.adaptor(f, s if self.adaptor.uses_stiffness else None)     # (B, C)
+    def forward(self, x, f, prev: Predecessor | None = None, diagnostics: bool = True) -> StepOutput:
+        s = nsi = None
+        if prev is not None and (diagnostics or self.adaptor.uses_stiffness):
+            s, nsi = stiffness.estimates(x, prev.x, f, prev.f)
+        elif prev is None:
+            s = torch.zeros_like(f[:, :, 0, 0])
+            nsi = torch.full_like(f[:, 0, 0, 0], float("nan"))
+        h = self.adaptor(f, s if self.adaptor.uses_stiffness else None)      # (B, C)
         x_next = x + h[:, :, None, None] * f
-        return x_next, _step_stats(h), nsi
-
-    def update(self, x, f, x_prev, f_prev):
-        """x_next alone, for training without diagnostics: the stiffness estimate is taken only
-        where the adaptor reads it."""
-        s = stiffness.estimates(x, x_prev, f, f_prev)[0] if self.adaptor.uses_stiffness else None
-        return x + self.adaptor(f, s)[:, :, None, None] * f
-
-
-class FirstStep(Step):
-    """The first block of a stage: no predecessor, so s = 0 and NSI is undefined (NaN)."""
-
-    def forward(self, x, f):
-        s = torch.zeros_like(f[:, :, 0, 0]) if self.adaptor.uses_stiffness else None
-        h = self.adaptor(f, s)
-        x_next = x + h[:, :, None, None] * f
-        return x_next, _step_stats(h), torch.full_like(f[:, 0, 0, 0], float("nan"))
-
-    def update(self, x, f):
-        s = torch.zeros_like(f[:, :, 0, 0]) if self.adaptor.uses_stiffness else None
-        return x + self.adaptor(f, s)[:, :, None, None] * f
+        if not diagnostics:
+            return StepOutput(x_next, None, None)
+        stats = torch.cat([h.mean(1, keepdim=True), h.amin(1, keepdim=True), h.amax(1, keepdim=True)], 1)
+        return StepOutput(x_next, stats, nsi)      # cat rather than stack: 3 fewer graph nodes
 
 
 # ---------------------------------------------------------------- residual branches f_t
@@ -179,24 +179,18 @@ BRANCHES = {"basic": BasicBranch, "bottleneck": BottleneckBranch}
 
 
 class Block(nn.Module):
-    def __init__(self, branch: type[nn.Module], in_ch: int, ch: int, stride: int, adaptor: nn.Module,
-                 first: bool):
-        super().__init__()
-        out_ch = ch * branch.expansion
-        self.branch = branch(in_ch, ch, stride)
-        self.shortcut = (nn.Conv2d(in_ch, out_ch, 1, stride, bias=False)
-                         if stride != 1 or in_ch != out_ch else None)
-        self.step = FirstStep(adaptor) if first else Step(adaptor)
+    """A residual block: its branch f_t, the skip path x_t (the shortcut's projection where the
+    shape changes), and the step x_{t+1} = x_t + h_t * f_t. `first`: first block of its stage,
+    which has no predecessor, so s_t = 0 and NSI_t is undefined (DESIGN 1.1)."""
 
-    def forward(self, x, prev, diagnostics: bool = True):
-        """prev: (x_prev, f_prev) of the previous block of this stage, or () for the first block.
-        Without diagnostics (training) the step's statistics and NSI are None."""
-        f, a = self.branch(x)
-        skip = self.shortcut(a) if self.shortcut is not None else x   # x_t of DESIGN 1.1
-        if not diagnostics:
-            return self.step.update(skip, f, *prev), (skip, f), None, None
-        x_next, stats, nsi = self.step(skip, f, *prev)
-        return x_next, (skip, f), stats, nsi
+    def __init__(self, branch: nn.Module, shortcut: nn.Module | None, step: Step, first: bool):
+        super().__init__()
+        self.branch, self.shortcut, self.step, self.first = branch, shortcut, step, first
+
+    def forward(self, x, prev: Predecessor | None, diagnostics: bool = True) -> tuple[StepOutput, Predecessor]:
+        f, a = self.branch(x)                                            # f_t
+        x = self.shortcut(a) if self.shortcut is not None else x         # x_t
+        return self.step(x, f, prev, diagnostics), Predecessor(x, f)     # x_t + h_t * f_t
 
 
 # ---------------------------------------------------------------- the network
@@ -218,21 +212,11 @@ class StepNet(nn.Module):
             kind, n = CIFAR_DEPTHS[cfg.depth]
             counts, widths, width0 = (n, n, n), (16, 32, 64), 16
             self.stem = nn.Conv2d(cfg.in_channels, width0, 3, 1, 1, bias=False)
-        branch = BRANCHES[kind]
         self._layers: list[dict] = []
         stages, in_ch = [], width0
-        for si, (count, width) in enumerate(zip(counts, widths), start=1):
-            blocks = []
-            for bi in range(1, count + 1):
-                name = f"stage{si}.block{bi}"
-                out_ch = width * branch.expansion
-                with_adaptor = cfg.adaptor_blocks is None or name in cfg.adaptor_blocks
-                adaptor = make_adaptor(cfg.family if with_adaptor else "resnet", out_ch, cfg.reduction)
-                stride = 2 if bi == 1 and si > 1 else 1
-                blocks.append(Block(branch, in_ch, width, stride, adaptor, first=bi == 1))
-                self._layers.append({"name": name, "stage": si, "block": bi, "channels": out_ch})
-                in_ch = out_ch
-            stages.append(nn.ModuleList(blocks))
+        for stage, (count, width) in enumerate(zip(counts, widths), start=1):
+            stages.append(self._make_stage(BRANCHES[kind], stage, count, in_ch, width))
+            in_ch = width * BRANCHES[kind].expansion
         self.stages = nn.ModuleList(stages)
         self.bn = nn.BatchNorm2d(in_ch)
         self.fc = nn.Linear(in_ch, cfg.num_classes)
@@ -240,25 +224,44 @@ class StepNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def _make_stage(self, branch: type[nn.Module], stage: int, count: int, in_ch: int, width: int) -> nn.ModuleList:
+        """`count` blocks; the first of a stage after the first halves the resolution, and where
+        the shape changes its shortcut projects x. The adaptor follows the family, except on the
+        blocks cfg.adaptor_blocks leaves out (those take h = 1)."""
+        out_ch, blocks = width * branch.expansion, []
+        for block in range(1, count + 1):
+            name = f"stage{stage}.block{block}"
+            stride = 2 if block == 1 and stage > 1 else 1
+            with_adaptor = self.cfg.adaptor_blocks is None or name in self.cfg.adaptor_blocks
+            adaptor = make_adaptor(self.cfg.family if with_adaptor else "resnet", out_ch, self.cfg.reduction)
+            f = branch(in_ch, width, stride)       # modules made in this order: the RNG draws of init
+            shortcut = nn.Conv2d(in_ch, out_ch, 1, stride, bias=False) if stride != 1 or in_ch != out_ch else None
+            blocks.append(Block(f, shortcut, Step(adaptor), first=block == 1))
+            self._layers.append({"name": name, "stage": stage, "block": block, "channels": out_ch,
+                                 "nsi_defined": block != 1})
+            in_ch = out_ch
+        return nn.ModuleList(blocks)
+
     def layers(self) -> list[dict]:
         """The layer table: one row per residual block in network order (name, stage, block,
         channels, nsi_defined). Export and service use it as the index of the diagnostics."""
-        return [{**row, "nsi_defined": row["block"] > 1} for row in self._layers]
+        return [dict(row) for row in self._layers]
 
     def forward(self, x, diagnostics: bool = False):
         x = self.stem(x)                                   # (B, C0, H, W)
-        stats, nsis = [], []
+        steps = []
         for stage in self.stages:
-            prev = ()
+            prev = None
             for block in stage:
-                x, prev, st, n = block(x, prev, diagnostics)
-                stats.append(st)
-                nsis.append(n)
+                step, prev = block(x, prev, diagnostics)
+                x = step.x_next
+                steps.append(step)
         x = F.relu(self.bn(x), inplace=True)
         logits = self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))   # (B, K)
         if not diagnostics:
             return logits
-        return logits, torch.stack(stats, dim=1), torch.stack(nsis, dim=1)   # (B, L, 3), (B, L)
+        return (logits, torch.stack([s.step_size for s in steps], dim=1),   # (B, L, 3)
+                torch.stack([s.nsi for s in steps], dim=1))                  # (B, L)
 
 
 def build(family: str, depth: int, num_classes: int, input_size: int = 32, in_channels: int = 3,

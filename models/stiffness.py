@@ -27,17 +27,3 @@ def estimates(x: torch.Tensor, x_prev: torch.Tensor, f: torch.Tensor, f_prev: to
     num = (f - f_prev).flatten(2).norm(dim=2)        # (B, C)
     den = (x - x_prev).flatten(2).norm(dim=2)
     return num / (den + eps), num.norm(dim=1) / (den.norm(dim=1) + eps)
-
-
-def stage_stiffness_ratio(nsi: torch.Tensor, stages: list[int]) -> torch.Tensor:
-    """Stage stiffness ratio max_t NSI_t / min_t NSI_t over the blocks of each stage where NSI is
-    defined. nsi: (B, L), NaN where undefined; stages: the stage of each of the L layers.
-    Returns (B, S) in stage order, NaN for a stage without a defined NSI."""
-    ratios = []
-    for stage in dict.fromkeys(stages):
-        cols = nsi[:, [i for i, s in enumerate(stages) if s == stage]]
-        undefined = torch.isnan(cols)
-        high = torch.where(undefined, -torch.inf, cols).amax(1)
-        low = torch.where(undefined, torch.inf, cols).amin(1)
-        ratios.append(torch.where(undefined.all(1), torch.nan, high / low))
-    return torch.stack(ratios, dim=1)

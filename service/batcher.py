@@ -54,9 +54,6 @@ class Slot:
         self._item = self._batcher._enqueue(x)
         return self._item.future
 
-    async def infer(self, x: np.ndarray) -> BatchResult:
-        return await self.submit(x)
-
     async def __aenter__(self) -> "Slot":
         return self
 

@@ -22,115 +22,115 @@ log = logging.getLogger(__name__)
 
 
 class ServiceError(Exception):
+    """Base of every error the service answers; a subclass declares its HTTP status, stable code
+    and extra headers in its class line: `class X(ServiceError, status=400, code="x")`."""
     status: int = 500
     code: str = "internal_error"
     headers: dict[str, str] | None = None
+
+    def __init_subclass__(cls, status: int | None = None, code: str | None = None,
+                          headers: dict[str, str] | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.status = status or cls.status
+        cls.code = code or cls.code
+        cls.headers = headers if headers is not None else cls.headers
 
     def __init__(self, message: str):
         super().__init__(message)
         self.message = message
 
 
-class BadRequest(ServiceError):
-    status, code = 400, "bad_request"
+class BadRequest(ServiceError, status=400, code="bad_request"):
+    """A malformed request: the protocol's general client error."""
 
 
-class EmptyBody(ServiceError):
-    status, code = 400, "empty_body"
+class EmptyBody(ServiceError, status=400, code="empty_body"):
+    """The body, or an image in it, is empty."""
 
 
-class MissingFile(ServiceError):
-    status, code = 400, "missing_file"
+class MissingFile(ServiceError, status=400, code="missing_file"):
+    """A multipart body without the `file` field."""
 
 
-class ModelNotFound(ServiceError):
-    status, code = 404, "model_not_found"
+class ModelNotFound(ServiceError, status=404, code="model_not_found"):
+    """No version of the model named serves."""
 
 
-class VersionNotFound(ServiceError):
-    status, code = 404, "version_not_found"
+class VersionNotFound(ServiceError, status=404, code="version_not_found"):
+    """The model serves, but not the version named."""
 
 
-class PayloadTooLarge(ServiceError):
-    status, code = 413, "payload_too_large"
+class PayloadTooLarge(ServiceError, status=413, code="payload_too_large"):
+    """The body is over STEPNET_MAX_UPLOAD_BYTES."""
 
 
-class ImageTooLarge(ServiceError):
+class ImageTooLarge(ServiceError, status=413, code="image_too_large"):
     """The header declares more pixels than allowed: refused before decoding (decompression bomb)."""
-    status, code = 413, "image_too_large"
 
 
-class UnsupportedMediaType(ServiceError):
-    status, code = 415, "unsupported_media_type"
+class UnsupportedMediaType(ServiceError, status=415, code="unsupported_media_type"):
+    """A Content-Type or Content-Encoding the route does not take."""
 
 
-class InvalidImage(ServiceError):
+class InvalidImage(ServiceError, status=422, code="invalid_image"):
     """Not an image, a truncated one, or a format the service does not decode."""
-    status, code = 422, "invalid_image"
 
 
-class InvalidParameter(ServiceError):
-    status, code = 422, "invalid_parameter"
+class InvalidParameter(ServiceError, status=422, code="invalid_parameter"):
+    """A query or path parameter out of its range or format."""
 
 
-class ModelLoadError(ServiceError):
+class ModelLoadError(ServiceError, status=422, code="model_load_failed"):
     """A model version on disk that cannot be served (bad metadata, checksum, graph).
 
     `message` is for the log: it may name files and quote onnxruntime. `public` is what clients
     see (the repository index, a 404 for that version): names and versions, no paths."""
-    status, code = 422, "model_load_failed"
 
     def __init__(self, message: str, public: str | None = None):
         super().__init__(message)
         self.public = public or message
 
 
-class Unauthorized(ServiceError):
-    status, code = 401, "unauthorized"
-    headers = {"WWW-Authenticate": 'Bearer realm="stepnet"'}
+class Unauthorized(ServiceError, status=401, code="unauthorized",
+                   headers={"WWW-Authenticate": 'Bearer realm="stepnet"'}):
+    """Repository control without the right admin key."""
 
 
-class AdminDisabled(ServiceError):
+class AdminDisabled(ServiceError, status=403, code="admin_disabled"):
     """Repository control without STEPNET_ADMIN_KEY: nobody may use it."""
-    status, code = 403, "admin_disabled"
 
 
-class InferenceFailed(ServiceError):
-    status, code = 500, "inference_failed"
+class InferenceFailed(ServiceError, status=500, code="inference_failed"):
+    """The session failed on a batch (that batch fails; the service serves on)."""
 
 
-class Unavailable(ServiceError):
+class Unavailable(ServiceError, status=503, code="unavailable", headers={"Retry-After": "1"}):
     """Temporarily unable to take the request; the client should retry after `Retry-After`."""
-    status, code = 503, "unavailable"
-    headers = {"Retry-After": "1"}
 
 
-class Overloaded(Unavailable):
-    code = "overloaded"
+class Overloaded(Unavailable, code="overloaded"):
+    """STEPNET_MAX_QUEUE_SIZE requests are admitted already."""
 
 
-class NotReady(Unavailable):
-    code = "not_ready"
+class NotReady(Unavailable, code="not_ready"):
+    """Still starting, or the version is still loading."""
 
 
-class ShuttingDown(Unavailable):
-    code = "shutting_down"
+class ShuttingDown(Unavailable, code="shutting_down"):
+    """The version or the process is stopping."""
 
 
-class RequestTimeout(ServiceError):
-    status, code = 504, "timeout"
+class RequestTimeout(ServiceError, status=504, code="timeout"):
+    """No result within STEPNET_REQUEST_TIMEOUT_S."""
 
 
-class BodyTimeout(ServiceError):
+class BodyTimeout(ServiceError, status=408, code="request_timeout", headers={"Connection": "close"}):
     """The client did not finish sending its body in time: its fault, and the connection closes."""
-    status, code = 408, "request_timeout"
-    headers = {"Connection": "close"}
 
 
-class ClientDisconnected(ServiceError):
+class ClientDisconnected(ServiceError, status=499, code="client_closed_request"):
     """The client closed the connection before its request was complete. Nobody reads the answer;
     the status (nginx's 499) is what the metrics and the access log record."""
-    status, code = 499, "client_closed_request"
 
 
 class ErrorDetail(BaseModel):

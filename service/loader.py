@@ -1,23 +1,53 @@
-"""Bringing one model version up, off the event loop: check its graph file against the sha256 and
-size in model.json, create the ONNX Runtime session, check the graph's input and output names, and
-warm every batch size the batcher can form while checking the output shapes the metadata implies.
-Whatever fails raises ModelLoadError, and nothing is published."""
+"""Bringing one model version up, off the event loop: read model.json, check the graph file
+against its sha256 and size, create the ONNX Runtime session on the device chosen once per
+process, check the graph's input and output names, and warm every batch size the batcher can form
+while checking the output shapes the metadata implies. Whatever fails raises ModelLoadError, and
+nothing is published (service.repository decides what to load; this module only loads)."""
 
+import asyncio
 import hashlib
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from service.core.config import Settings
 from service.errors import ModelLoadError
-from service.metadata import ModelMetadata
-from service.runtime import Device, Session
+from service.metadata import ModelMetadata, read_metadata
+from service.metrics import Metrics
+from service.runtime import Device, Session, choose_device
+from service.served import ServedModel
+from stepnet.repository import MODEL_FILE, VARIANT_FILES
 
 log = logging.getLogger(__name__)
 
-VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+
+class Loader:
+    """Loads versions for the repository: the device is chosen at the first load, and every
+    served version shares one pool of pre-processing threads."""
+
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings, self.metrics = settings, metrics
+        self._device: Device | None = None
+        self._pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
+
+    async def read(self, folder: Path) -> ModelMetadata:
+        return await asyncio.to_thread(read_metadata, folder)
+
+    async def open(self, meta: ModelMetadata, folder: Path) -> ServedModel:
+        file, session = await asyncio.to_thread(self._open, meta, folder)
+        return ServedModel(meta, file, session, self.settings,
+                           self.metrics.for_model(meta.name, meta.version), self._pool)
+
+    def _open(self, meta: ModelMetadata, folder: Path) -> tuple[str, Session]:
+        if self._device is None:
+            self._device = choose_device(self.settings.device)
+        return open_version(meta, folder, self.settings, self._device)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def open_version(meta: ModelMetadata, folder: Path, settings: Settings, device: Device) -> tuple[str, Session]:
@@ -44,14 +74,14 @@ def open_version(meta: ModelMetadata, folder: Path, settings: Settings, device: 
 
 def pick_file(meta: ModelMetadata, folder: Path, variant: str) -> str:
     wanted = VARIANT_FILES[variant]
-    if wanted != "model.onnx":
+    if wanted != MODEL_FILE:
         if wanted in meta.files and (folder / wanted).is_file():
             return wanted
-        log.warning("%s:%s has no %s listed in model.json; serving model.onnx",
-                    meta.name, meta.version, wanted)
-    if "model.onnx" not in meta.files:
-        raise ModelLoadError(f"{meta.name}/{meta.version}/model.json: files lists no model.onnx")
-    return "model.onnx"
+        log.warning("%s:%s has no %s listed in model.json; serving %s",
+                    meta.name, meta.version, wanted, MODEL_FILE)
+    if MODEL_FILE not in meta.files:
+        raise ModelLoadError(f"{meta.name}/{meta.version}/model.json: files lists no {MODEL_FILE}")
+    return MODEL_FILE
 
 
 def _warm_up(session: Session, meta: ModelMetadata, label: str, max_batch_size: int) -> None:

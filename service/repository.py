@@ -3,23 +3,14 @@ process serves.
 
     <root>/<model>/<version>/model.onnx (+ model.fp16.onnx, model.int8.onnx) and model.json
 
-Per model, the newest STEPNET_MAX_VERSIONS versions that load are served, and the newest of them
-is the default. sync() brings one model in line with its folder: at start-up, on every poll
-(STEPNET_REPOSITORY_POLL_S) and on an admin load. It tries versions newest first; a new or
-re-exported one is loaded, verified and warmed beside the ones serving (service.loader), then
-published in one step of the event loop, and a version beyond the limit is retired (the requests
-that hold it finish first: service.served). A version that cannot be served (unreadable metadata,
-a file that differs from its sha256, a graph without the outputs model.json names) is refused with
-a log line and a count in stepnet_model_load_failures_total, and is not tried again until its
-folder changes; what served before keeps serving. Only an admin unload takes a model or a version
-out of service on purpose: a folder deleted from disk keeps serving until then, and counts toward
-STEPNET_MAX_VERSIONS as it did before.
-
-When polling, a version whose folder changed since the previous scan is still being written (a
-copy in place, rather than the exporter's atomic rename): it is left alone, listed as not yet
-complete, and loaded once one whole poll interval has passed without a change. A load that fails
-while the files change under it is not a failure either. So a slow copy costs one load, not an
-ERROR and a failure count on every poll.
+sync() brings one model in line with its folder, at start-up, on every poll
+(STEPNET_REPOSITORY_POLL_S) and on an admin load: it scans the folder, asks service.planning what
+to do, loads the first version the plan names (service.loader: read, verified, warmed beside the
+ones serving, then published in one step of the event loop), and asks again, until nothing is left
+to load; then it retires what the plan leaves out (the requests that hold a version finish first:
+service.served). A version that cannot be served is refused with a log line and a count in
+stepnet_model_load_failures_total, and is not tried again until its folder changes. A load that
+fails while the files change under it is not a failure: the copy is still running.
 
 What clients see of a refused version (the index, a 404) is its public reason: names, versions
 and what is wrong, never a path on this host or a library's message; the log has those.
@@ -28,24 +19,21 @@ and what is wrong, never a path on this host or a library's message; the log has
 import asyncio
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from service.core.config import Settings
 from service.errors import (BadRequest, InvalidParameter, ModelLoadError, ModelNotFound, NotReady,
                             VersionNotFound)
-from service.loader import open_version
-from service.metadata import METADATA_FILE, ModelMetadata, read_metadata
+from service.loader import Loader
+from service.metadata import ModelMetadata
 from service.metrics import Metrics
-from service.runtime import Device, Session, choose_device
+from service.planning import ModelView, plan
 from service.served import ServedModel
-from stepnet.repository import MODEL_NAME_RULE, is_version, valid_model_name
+from stepnet.repository import METADATA_FILE, MODEL_NAME_RULE, VersionState, is_version, valid_model_name
 
 log = logging.getLogger(__name__)
-
-LOADING, READY, FAILED, UNLOADING, UNLOADED = "loading", "ready", "failed", "unloading", "unloaded"
-_LISTED = (LOADING, READY, FAILED)         # a model with versions in these states is known to requests
+State = VersionState
 CHANGING = "files still changing (being copied?); loaded once they stay unchanged for one poll"
 
 
@@ -58,20 +46,18 @@ def scan_models(root: Path) -> list[str]:
 
 
 def scan_versions(model_dir: Path) -> dict[int, tuple]:
-    """version -> signature of its folder (its inode and its files' names, sizes and mtimes), so
-    that a folder replaced or still being written reads as changed. Hidden folders
-    (.<v>.partial-*, .<v>.replaced-*) are work in progress and are skipped."""
+    """version -> signature of its folder, so that a folder replaced or still being written reads
+    as changed. Hidden folders (.<v>.partial-*, .<v>.replaced-*) are work in progress, skipped."""
     versions = {}
     try:
         entries = list(os.scandir(model_dir))
     except OSError:
         return {}
     for entry in entries:
-        if not (is_version(entry.name) and entry.is_dir()):
-            continue
-        signature = folder_signature(entry.path)
-        if signature is not None:
-            versions[int(entry.name)] = signature
+        if is_version(entry.name) and entry.is_dir():
+            signature = folder_signature(entry.path)
+            if signature is not None:
+                versions[int(entry.name)] = signature
     return versions
 
 
@@ -86,32 +72,33 @@ def folder_signature(folder: str | Path) -> tuple | None:
 
 
 @dataclass
-class VersionState:
+class ModelVersion:
+    """One version as this process knows it."""
     name: str
     version: int
     folder: Path
     signature: tuple
     meta: ModelMetadata | None = None      # None until model.json has been read
-    state: str = LOADING
+    state: VersionState = State.LOADING
     error: str | None = None               # why it failed, or why it is not served
     served: ServedModel | None = None
 
 
 class Repository:
-    def __init__(self, settings: Settings, metrics: Metrics):
+    def __init__(self, settings: Settings, metrics: Metrics, loader: Loader | None = None):
         self.settings, self.metrics = settings, metrics
         self.root = Path(settings.model_repository)
+        self.loader = loader or Loader(settings, metrics)
         self.default_model: str | None = None
-        self._models: dict[str, dict[int, VersionState]] = {}
-        self._refused: dict[tuple[str, int], tuple] = {}    # (model, version) -> signature refused
-        self._held: set[tuple[str, int | None]] = set()     # unloaded by an admin (None: whole model)
-        self._scanned: dict[str, dict[int, tuple]] = {}      # the previous poll's scan, per model
+        self._models: dict[str, dict[int, ModelVersion]] = {}
+        self._refused: dict[tuple[str, int], tuple] = {}    # (model, version) -> the files refused
+        self._held_models: set[str] = set()                 # unloaded whole by an admin
+        self._held_versions: set[tuple[str, int]] = set()   # single versions unloaded by an admin
+        self._scanned: dict[str, dict[int, tuple]] = {}      # the previous scan, per model
         self._changing: set[tuple[str, int]] = set()        # versions whose files still change
         self._locks: dict[str, asyncio.Lock] = {}
         self._draining: set[asyncio.Task] = set()
         self._started = False
-        self._device: Device | None = None
-        self._pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
 
     def discover(self) -> None:
         """Check that there is something to serve (cheap: JSON only) and pick the default model.
@@ -150,105 +137,92 @@ class Repository:
                 log.exception("repository poll failed; trying again in %g s", interval_s)
 
     async def sync(self, name: str, settle: bool = False) -> None:
-        """Serve the newest max_versions versions of `name` that load; retire older ones. With
-        `settle` (polling), a version whose folder changed since the previous scan waits."""
+        """Serve the newest STEPNET_MAX_VERSIONS versions of `name` that load (service.planning).
+        With `settle` (polling), a version whose folder changed since the previous scan waits."""
         async with self._locks.setdefault(name, asyncio.Lock()):
-            if (name, None) in self._held:
+            if name in self._held_models:
                 return
             on_disk = await asyncio.to_thread(scan_versions, self.root / name)
             previous, self._scanned[name] = self._scanned.get(name, {}), on_disk
-            self._changing = {(n, v) for n, v in self._changing if n != name or v in on_disk}
             versions = self._models.setdefault(name, {})
-            # a folder deleted under a serving version: it serves on, and counts as it did
-            gone = {v for v, s in versions.items() if s.state == READY and v not in on_disk}
-            serving = 0
-            for version in sorted(on_disk.keys() | gone, reverse=True):
-                if serving == self.settings.max_versions:
+            self._changing = {(n, v) for n, v in self._changing if n != name}
+            while True:
+                todo = plan(self._view(name, on_disk, previous if settle else None), self.settings.max_versions)
+                self._changing |= {(name, v) for v in todo.waiting}
+                if not todo.load:
                     break
-                if (name, version) in self._held:
-                    continue
-                signature, current = on_disk.get(version), versions.get(version)
-                was_ready = current is not None and current.state == READY
-                if version in gone or (was_ready and current.signature == signature):
-                    serving += 1
-                elif self._refused.get((name, version)) == signature:
-                    serving += was_ready               # a refused re-export: the old one serves on
-                elif settle and previous.get(version) != signature:
-                    self._changing.add((name, version))
-                    serving += was_ready
-                elif await self._load(name, version, signature) or was_ready:
-                    serving += 1
-            ready = sorted((v for v, s in versions.items() if s.state == READY), reverse=True)
-            for version in ready[self.settings.max_versions:]:
+                await self._load(name, todo.load[0], on_disk[todo.load[0]])
+            for version in todo.retire:
                 self._retire(versions[version], f"newer versions serve (STEPNET_MAX_VERSIONS="
                                                 f"{self.settings.max_versions})")
+
+    def _view(self, name: str, on_disk: dict[int, tuple], previous: dict[int, tuple] | None) -> ModelView:
+        versions = self._models.get(name, {})
+        return ModelView(
+            on_disk=on_disk, previous_scan=previous,
+            serving={v: s.signature for v, s in versions.items() if s.state is State.READY},
+            refused={v: sig for (n, v), sig in self._refused.items() if n == name},
+            held=frozenset(v for n, v in self._held_versions if n == name))
 
     async def _load(self, name: str, version: int, signature: tuple) -> bool:
         versions = self._models[name]
         for counter in (self.metrics.loads, self.metrics.load_failures):
             counter.labels(name)               # exported as 0 from the first load on, not absent
-        self._changing.discard((name, version))
-        state = VersionState(name, version, self.root / name / str(version), signature)
+        record = ModelVersion(name, version, self.root / name / str(version), signature)
         replaced = versions.get(version)
-        if replaced is None or replaced.state != READY:
-            versions[version] = state          # listed as loading; a ready one it replaces serves on
+        if replaced is None or replaced.state is not State.READY:
+            versions[version] = record         # listed as loading; a ready one it replaces serves on
         try:
-            state.meta = await asyncio.to_thread(read_metadata, state.folder)
-            file, session = await asyncio.to_thread(self._open, state.meta, state.folder)
-            served = ServedModel(state.meta, file, session, self.settings,
-                                 self.metrics.for_model(name, version), self._pool)
+            record.meta = await self.loader.read(record.folder)
+            served = await self.loader.open(record.meta, record.folder)
         except asyncio.CancelledError:
-            state.state, state.error = FAILED, "loading was cancelled"
+            record.state, record.error = State.FAILED, "loading was cancelled"
             raise
         except Exception as exc:        # whatever a broken version does, the ones serving serve on
-            self._failed(state, exc, replaced)
+            self._failed(record, exc, replaced)
             return False
         served.batcher.start()
-        state.served, state.state = served, READY
-        versions[version] = state              # published: the next request may get it
+        record.served, record.state = served, State.READY
+        versions[version] = record             # published: the next request may get it
         self._refused.pop((name, version), None)
         self.metrics.loads.labels(name).inc()
-        if replaced is not None and replaced.state == READY:
+        if replaced is not None and replaced.state is State.READY:
             self._retire(replaced, "replaced by a new export of the same version")
         log.info("serving %s:%s (%s)", name, version, served.provider)
         return True
 
-    def _failed(self, state: VersionState, exc: Exception, replaced: VersionState | None) -> None:
+    def _failed(self, record: ModelVersion, exc: Exception, replaced: ModelVersion | None) -> None:
         """A load that failed: refused and counted, unless its files changed while it ran (a copy
         still in progress, tried again once they settle)."""
-        name, version = state.name, state.version
-        if folder_signature(state.folder) != state.signature:
+        name, version = record.name, record.version
+        if folder_signature(record.folder) != record.signature:
             self._changing.add((name, version))
-            if replaced is None or replaced.state != READY:
+            self._refused[(name, version)] = record.signature     # these files: not again
+            if replaced is None or replaced.state is not State.READY:
                 del self._models[name][version]
             log.info("%s:%s changed while loading; waiting for its files to settle", name, version)
             return
         expected = isinstance(exc, ModelLoadError)
-        state.state = FAILED
-        state.error = exc.public if expected else "unexpected error while loading; see the server log"
-        self._refused[(name, version)] = state.signature
+        record.state = State.FAILED
+        record.error = exc.public if expected else "unexpected error while loading; see the server log"
+        self._refused[(name, version)] = record.signature
         self.metrics.load_failures.labels(name).inc()
-        log.error("refused %s/%s (%s): %s", name, version, state.folder,
+        log.error("refused %s/%s (%s): %s", name, version, record.folder,
                   exc.message if expected else f"{type(exc).__name__}: {exc}", exc_info=not expected)
 
-    def _open(self, meta: ModelMetadata, folder: Path) -> tuple[str, Session]:
-        if self._device is None:
-            self._device = choose_device(self.settings.device)
-        return open_version(meta, folder, self.settings, self._device)
-
-    def _retire(self, state: VersionState, reason: str) -> None:
+    def _retire(self, record: ModelVersion, reason: str) -> None:
         """Unpublish now; drain in the background (requests holding it finish first)."""
-        served = state.served
-        state.state, state.error = UNLOADING, reason
-        log.info("unloading %s:%s: %s", state.name, state.version, reason)
+        served = record.served
+        record.state, record.error = State.UNLOADING, reason
+        log.info("unloading %s:%s: %s", record.name, record.version, reason)
 
         async def drain():
             await served.retire(self.settings.shutdown_timeout_s)
-            state.served = None
-            if state.state == UNLOADING:
-                state.state = UNLOADED
+            record.served = None
+            if record.state is State.UNLOADING:
+                record.state = State.UNLOADED
 
-        task = asyncio.get_running_loop().create_task(drain(), name=f"drain-{state.name}:{state.version}")
+        task = asyncio.get_running_loop().create_task(drain(), name=f"drain-{record.name}:{record.version}")
         self._draining.add(task)
         task.add_done_callback(self._draining.discard)
 
@@ -258,12 +232,13 @@ class Repository:
             raise BadRequest(f"{name!r} is not a model name ({MODEL_NAME_RULE})")
         if not (self.root / name).is_dir():
             raise ModelNotFound(f"no model {name!r} in the repository")
-        self._held = {held for held in self._held if held[0] != name}
+        self._held_models.discard(name)
+        self._held_versions = {held for held in self._held_versions if held[0] != name}
         self._refused = {key: sig for key, sig in self._refused.items() if key[0] != name}
         await self.sync(name)
-        states = self._models.get(name, {}).values()
-        if not any(s.state == READY for s in states):
-            reasons = "; ".join(f"version {s.version}: {s.error}" for s in states if s.state == FAILED)
+        records = self._models.get(name, {}).values()
+        if not any(r.state is State.READY for r in records):
+            reasons = "; ".join(f"version {r.version}: {r.error}" for r in records if r.state is State.FAILED)
             raise ModelLoadError(f"{name}: no version could be loaded ({reasons or 'no version on disk'})")
 
     async def unload(self, name: str, version: int | None = None) -> None:
@@ -275,62 +250,65 @@ class Repository:
                 raise ModelNotFound(f"no model {name!r} is known to this service")
             if version is not None and version not in versions:
                 raise VersionNotFound(f"{name} has no version {version}")
-            self._held.add((name, version))
-            for state in ([versions[version]] if version is not None else versions.values()):
-                if state.state == READY:
-                    self._retire(state, "unloaded by an admin")
+            if version is None:
+                self._held_models.add(name)
+            else:
+                self._held_versions.add((name, version))
+            for record in ([versions[version]] if version is not None else versions.values()):
+                if record.state is State.READY:
+                    self._retire(record, "unloaded by an admin")
         if version is not None:
             await self.sync(name)
 
     # ------------------------------------------------------------ what requests see
 
-    def resolve(self, name: str | None = None, version: int | None = None) -> VersionState:
+    def resolve(self, name: str | None = None, version: int | None = None) -> ModelVersion:
         """The version a request for (name, version) means, whatever its state; the default
         version is the newest ready one. Raises 404s only."""
         name = name or self.default_model
         if name is None:
             raise InvalidParameter(f"model: required, this service serves several models "
                                    f"({', '.join(self._names())}); STEPNET_DEFAULT_MODEL sets a default")
-        versions = {v: s for v, s in self._models.get(name, {}).items() if s.state in _LISTED}
-        if not versions or (name, None) in self._held:
+        versions = {v: r for v, r in self._models.get(name, {}).items() if r.state.listed}
+        if not versions or name in self._held_models:
             raise ModelNotFound(f"no model {name!r} is loaded; loaded: {', '.join(self._names()) or 'none'}")
         if version is None:
-            ready = [v for v, s in versions.items() if s.state == READY]
-            loading = [v for v, s in versions.items() if s.state == LOADING]
+            ready = [v for v, r in versions.items() if r.state is State.READY]
+            loading = [v for v, r in versions.items() if r.state is State.LOADING]
             if not ready and not loading:     # only refused versions are left: nothing serves
                 failed = ", ".join(map(str, sorted(versions)))
                 raise ModelNotFound(f"model {name!r} has no version serving (failed to load: {failed})")
             version = max(ready or loading)
-        state = self._models[name].get(version)
-        if state is None:
+        record = self._models[name].get(version)
+        if record is None:
             raise VersionNotFound(f"{name} has no version {version} loaded; loaded: "
                                   f"{', '.join(map(str, sorted(versions)))}")
-        return state
+        return record
 
     def get(self, name: str | None = None, version: int | None = None) -> ServedModel:
-        state = self.resolve(name, version)
-        if state.state == LOADING:
-            raise NotReady(f"{state.name}:{state.version} is still loading")
-        if state.state != READY:
-            raise VersionNotFound(f"{state.name}:{state.version} is not served: {state.error}")
-        return state.served
+        record = self.resolve(name, version)
+        if record.state is State.LOADING:
+            raise NotReady(f"{record.name}:{record.version} is still loading")
+        if record.state is not State.READY:
+            raise VersionNotFound(f"{record.name}:{record.version} is not served: {record.error}")
+        return record.served
 
     def versions(self, name: str) -> list[int]:
         """The versions of `name` that serve, oldest first."""
-        return sorted(v for v, s in self._models.get(name, {}).items() if s.state == READY)
+        return sorted(v for v, r in self._models.get(name, {}).items() if r.state is State.READY)
 
     def _names(self) -> list[str]:
-        return sorted(name for name, versions in self._models.items() if (name, None) not in self._held
-                      and any(s.state in _LISTED for s in versions.values()))
+        return sorted(name for name, versions in self._models.items() if name not in self._held_models
+                      and any(r.state.listed for r in versions.values()))
 
-    def states(self) -> list[VersionState]:
-        return [state for _, versions in sorted(self._models.items())
-                for _, state in sorted(versions.items())]
+    def records(self) -> list[ModelVersion]:
+        return [record for _, versions in sorted(self._models.items())
+                for _, record in sorted(versions.items())]
 
     def served(self) -> list[ServedModel]:
-        return [state.served for state in self.states() if state.state == READY]
+        return [record.served for record in self.records() if record.state is State.READY]
 
-    async def index(self) -> list[VersionState]:
+    async def index(self) -> list[ModelVersion]:
         """Every version on disk or known to this process; one never tried is listed unloaded."""
         on_disk = {name: await asyncio.to_thread(scan_versions, self.root / name)
                    for name in await asyncio.to_thread(scan_models, self.root)}
@@ -338,18 +316,18 @@ class Repository:
         for name in sorted(set(on_disk) | set(self._models)):
             known = self._models.get(name, {})
             for version in sorted(set(on_disk.get(name, {})) | set(known)):
-                out.append(known.get(version) or VersionState(
+                out.append(known.get(version) or ModelVersion(
                     name, version, self.root / name / str(version), on_disk[name][version],
-                    state=UNLOADED,
+                    state=State.UNLOADED,
                     error=CHANGING if (name, version) in self._changing else "not loaded"))
         return out
 
     @property
     def ready(self) -> bool:
         """Start-up has loaded and warmed every model it could, and something serves."""
-        return self._started and any(s.state == READY for s in self.states())
+        return self._started and any(r.state is State.READY for r in self.records())
 
     async def close(self, timeout_s: float) -> None:
         await asyncio.gather(*(served.batcher.close(timeout_s) for served in self.served()),
                              *self._draining)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.loader.close()

@@ -2,7 +2,7 @@
 
 from pydantic import BaseModel, Field
 
-from service.metadata import Accuracy, InputSpec, Layer, Outputs, Preprocessing
+from service.metadata import ModelMetadata
 
 
 class Prediction(BaseModel):
@@ -75,7 +75,8 @@ class StiffnessRatio(BaseModel):
 class StageStiffness(BaseModel):
     stage: int
     stiffness_ratio: StiffnessRatio = Field(
-        description="largest over smallest geometric-mean NSI of the stage's blocks (DESIGN 1.1)")
+        description="per request, the largest over the smallest NSI of the stage's blocks; the "
+                    "median over requests (DESIGN 1.1)")
 
 
 class StiffnessResponse(BaseModel):
@@ -87,25 +88,12 @@ class StiffnessResponse(BaseModel):
     stages: list[StageStiffness]
 
 
-class ModelVersionInfo(BaseModel):
-    name: str
-    version: int
+class ModelVersionInfo(ModelMetadata):
+    """A version's model.json (all of it) and how this process serves it."""
     default: bool = Field(description="served when a request names no model")
     state: str = Field(description="loading | ready | failed | unloading | unloaded")
     provider: str | None = Field(description="ONNX Runtime execution provider")
     file: str = Field(description="the ONNX file served (a variant where configured)")
-    family: str
-    depth: int
-    classes: list[str]
-    input: InputSpec
-    preprocessing: Preprocessing
-    layers: list[Layer]
-    outputs: Outputs
-    accuracy: Accuracy
-    verification: dict
-    checkpoint_sha256: str
-    exporter_version: str
-    opset: int
 
 
 class ModelsResponse(BaseModel):

@@ -51,19 +51,25 @@ class ServedModel:
         return results[0], preprocess_s
 
     async def infer_images(self, images: Sequence[bytes]) -> tuple[list[BatchResult], float]:
-        """Encoded images -> one result per image, and the seconds their pre-processing took (in
-        parallel). The batcher's slots are taken first, so a full queue refuses before decoding."""
+        """Encoded images -> one result per image, and the wall-clock seconds their pre-processing
+        took (in parallel; each image's own time goes to stepnet_preprocess_seconds). The batcher's
+        slots are taken first, so a full queue refuses before decoding."""
         async with AsyncExitStack() as stack:
             slots = await self._slots(stack, len(images))
             started = time.perf_counter()
             loop = asyncio.get_running_loop()
-            rows = await asyncio.gather(*(loop.run_in_executor(self._pool, self.preprocessor, data)
-                                          for data in images))
+            timed = await asyncio.gather(*(loop.run_in_executor(self._pool, self._preprocess, data)
+                                           for data in images))
             preprocess_s = time.perf_counter() - started
-            results = await self._submit(slots, rows)
-        for _ in images:
-            self._metrics.preprocess_seconds.observe(preprocess_s)
+            results = await self._submit(slots, [row for row, _ in timed])
+        for _, seconds in timed:
+            self._metrics.preprocess_seconds.observe(seconds)
         return results, preprocess_s
+
+    def _preprocess(self, data: bytes) -> tuple[np.ndarray, float]:
+        """One image's tensor and the seconds it took (in a pre-processing thread)."""
+        started = time.perf_counter()
+        return self.preprocessor(data), time.perf_counter() - started
 
     async def infer_tensor(self, batch: np.ndarray) -> list[BatchResult]:
         """Pre-processed (B, C, H, W) input -> one result per row; each row joins the batcher as

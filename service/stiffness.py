@@ -5,7 +5,6 @@ Recording costs one locked copy per batch (in the inference thread); statistics 
 only when /stiffness or /metrics asks.
 """
 
-import math
 import threading
 
 import numpy as np
@@ -13,9 +12,10 @@ import numpy as np
 from service.metadata import ModelMetadata
 from service.schemas import (LayerStiffness, LiveStats, ReferenceStats, StageStiffness,
                              StiffnessRatio, StiffnessResponse)
+from stepnet import statistics
+from stepnet.repository import STEP_MEAN
 
 DEFAULT_WINDOW = 1000
-_TINY = 1e-12     # NSI is a ratio of norms; log(0) would be -inf
 
 
 class StiffnessTracker:
@@ -35,7 +35,7 @@ class StiffnessTracker:
             step_size, nsi, rows = step_size[-self.capacity:], nsi[-self.capacity:], self.capacity
         with self._lock:
             idx = (self._next + np.arange(rows)) % self.capacity
-            self._step[idx] = step_size[:, :, 0]
+            self._step[idx] = step_size[:, :, STEP_MEAN]
             self._nsi[idx] = nsi
             self._next = (self._next + rows) % self.capacity
             self._seen += rows
@@ -49,52 +49,33 @@ class StiffnessTracker:
     def summary(self, window: int = DEFAULT_WINDOW) -> StiffnessResponse:
         step, nsi = self._last(window)
         meta = self.meta
-        layers, live_log_means = [], []
-        for j, (layer, ref) in enumerate(zip(meta.layers, meta.profile.layers)):
-            live, log_mean = _live(step[:, j], nsi[:, j] if layer.nsi_defined else None)
-            drift = None
-            if log_mean is not None and ref.log_nsi_mean is not None and ref.log_nsi_std:
-                drift = (log_mean - ref.log_nsi_mean) / ref.log_nsi_std
-            live_log_means.append(log_mean)
+        moments = statistics.layer_moments(step, nsi)
+        layers = []
+        for j, (layer, ref, moment) in enumerate(zip(meta.layers, meta.profile.layers, moments)):
             layers.append(LayerStiffness(
-                name=layer.name, stage=layer.stage, block=layer.block, live=live, drift=drift,
+                name=layer.name, stage=layer.stage, block=layer.block,
+                live=_live(step[:, j], nsi[:, j] if layer.nsi_defined else None, moment["step_size_mean"]),
+                drift=statistics.drift(moment["log_nsi_mean"] if layer.nsi_defined else None,
+                                       ref.log_nsi_mean, ref.log_nsi_std),
                 reference=ReferenceStats(step_size_mean=ref.step_size_mean, step_size_std=ref.step_size_std,
                                          log_nsi_mean=ref.log_nsi_mean, log_nsi_std=ref.log_nsi_std)))
-        stages = []
-        for stage in sorted({layer.stage for layer in meta.layers}):
-            in_stage = [j for j, layer in enumerate(meta.layers)
-                        if layer.stage == stage and layer.nsi_defined]
-            stages.append(StageStiffness(stage=stage, stiffness_ratio=StiffnessRatio(
-                reference=_ratio([meta.profile.layers[j].log_nsi_mean for j in in_stage]),
-                live=_ratio([live_log_means[j] for j in in_stage]))))
-        return StiffnessResponse(model=meta.name, version=meta.version, window=window,
-                                 count=step.shape[0], layers=layers, stages=stages)
+        stages = [layer.stage for layer in meta.layers]
+        live = statistics.median_stage_stiffness_ratio(nsi, stages) if len(nsi) else [None] * len(set(stages))
+        reference = {row.stage: row.stiffness_ratio for row in meta.profile.stages}
+        return StiffnessResponse(
+            model=meta.name, version=meta.version, window=window, count=step.shape[0], layers=layers,
+            stages=[StageStiffness(stage=stage, stiffness_ratio=StiffnessRatio(reference=reference.get(stage),
+                                                                            live=ratio))
+                    for stage, ratio in zip(dict.fromkeys(stages), live)])
 
 
-def _live(step: np.ndarray, nsi: np.ndarray | None) -> tuple[LiveStats, float | None]:
-    """Statistics of one layer over the window, and its mean log NSI (None where undefined).
-    Non-finite values (a NaN output) are left out, so one bad request cannot blank a window."""
-    if step.size == 0:
-        return LiveStats(count=0, step_size_mean=None, step_size_p95=None, nsi_mean=None,
-                         nsi_p50=None, nsi_p95=None), None
+def _live(step: np.ndarray, nsi: np.ndarray | None, step_mean: float | None) -> LiveStats:
+    """One layer over the window; non-finite values (a NaN output) are left out, so one bad
+    request cannot blank a window."""
     steps = step[np.isfinite(step)]
-    stats = dict(count=int(step.size),
-                 step_size_mean=float(steps.mean()) if steps.size else None,
-                 step_size_p95=float(np.percentile(steps, 95)) if steps.size else None)
-    log_mean = None
     finite = nsi[np.isfinite(nsi)] if nsi is not None else np.empty(0)
-    if finite.size:
-        p50, p95 = np.percentile(finite, (50, 95))
-        stats.update(nsi_mean=float(finite.mean()), nsi_p50=float(p50), nsi_p95=float(p95))
-        log_mean = float(np.log(np.maximum(finite, _TINY)).mean())
-    else:
-        stats.update(nsi_mean=None, nsi_p50=None, nsi_p95=None)
-    return LiveStats(**stats), log_mean
-
-
-def _ratio(log_means: list[float | None]) -> float | None:
-    """max NSI / min NSI over a stage's blocks, from their mean log NSI (geometric means)."""
-    values = [v for v in log_means if v is not None]
-    if not values or len(values) < len(log_means):
-        return None
-    return math.exp(max(values) - min(values))
+    p50, p95 = np.percentile(finite, (50, 95)) if finite.size else (None, None)
+    return LiveStats(count=int(step.size), step_size_mean=step_mean,
+                     step_size_p95=float(np.percentile(steps, 95)) if steps.size else None,
+                     nsi_mean=float(finite.mean()) if finite.size else None,
+                     nsi_p50=None if p50 is None else float(p50), nsi_p95=None if p95 is None else float(p95))

@@ -12,7 +12,7 @@ import sys
 
 from stepnet.errors import UserError
 
-COMMAND_MODULES = ("models.cli", "service.cli", "models.analysis_cli", "export.cli",
+COMMAND_MODULES = ("models.cli", "service.cli", "analysis.cli", "export.cli",
                    "benchmarks.cli")
 
 

@@ -2,11 +2,11 @@
 
 import asyncio
 import hmac
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Annotated
 
-from fastapi import Depends, Header, Query, Request
+from fastapi import Depends, Header, Path, Query, Request
 
 from service.core.config import Settings
 from service.errors import AdminDisabled, BodyTimeout, NotReady, RequestTimeout, Unauthorized
@@ -25,8 +25,12 @@ async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-async def get_repository(request: Request) -> Repository:
-    repository = getattr(request.app.state, "repository", None)
+async def get_starting_repository(request: Request) -> Repository | None:
+    """The repository, or None while the app is starting (readiness answers "not yet")."""
+    return getattr(request.app.state, "repository", None)
+
+
+async def get_repository(repository: Annotated[Repository | None, Depends(get_starting_repository)]) -> Repository:
     if repository is None:
         raise NotReady("the service is starting")
     return repository
@@ -34,23 +38,45 @@ async def get_repository(request: Request) -> Repository:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+StartingRepositoryDep = Annotated[Repository | None, Depends(get_starting_repository)]
 RepositoryDep = Annotated[Repository, Depends(get_repository)]
 
 ModelQuery = Annotated[str | None, Query(
     description="model name; default: the only model served, or STEPNET_DEFAULT_MODEL")]
 VersionQuery = Annotated[str | None, Query(
     pattern=VERSION_PATTERN, description=f"model version, {VERSION_RULE}; default: the latest")]
+ModelName = Annotated[str, Path(description="model name")]
+ModelVersion = Annotated[str, Path(pattern=VERSION_PATTERN, description=f"model version, {VERSION_RULE}")]
+
+
+@contextmanager
+def leased(repository: Repository, name: str | None, version: str | None) -> Iterator[ServedModel]:
+    """The version a request names, leased until the request is done: a hot reload or an unload
+    waits for it before it stops that version. Resolving and leasing happen in one step."""
+    with repository.get(name, None if version is None else parse_version(version)).lease() as served:
+        yield served
 
 
 async def get_served_model(repository: RepositoryDep, model: ModelQuery = None,
                            version: VersionQuery = None) -> AsyncIterator[ServedModel]:
-    """The version the request names, leased until the request is done: a hot reload or an
-    unload waits for it before it stops that version."""
-    with repository.get(model, None if version is None else parse_version(version)).lease() as served:
+    with leased(repository, model, version) as served:
         yield served
 
 
-ServedModelDep = Annotated[ServedModel, Depends(get_served_model)]
+async def get_latest(repository: RepositoryDep, model_name: ModelName) -> AsyncIterator[ServedModel]:
+    with leased(repository, model_name, None) as served:
+        yield served
+
+
+async def get_version(repository: RepositoryDep, model_name: ModelName,
+                      model_version: ModelVersion) -> AsyncIterator[ServedModel]:
+    with leased(repository, model_name, model_version) as served:
+        yield served
+
+
+ServedModelDep = Annotated[ServedModel, Depends(get_served_model)]   # ?model=&version= (REST)
+LatestDep = Annotated[ServedModel, Depends(get_latest)]               # /v2/models/{name}
+VersionedDep = Annotated[ServedModel, Depends(get_version)]           # /v2/models/{name}/versions/{v}
 
 
 async def require_admin(settings: SettingsDep, authorization: Annotated[str | None, Header(

@@ -6,11 +6,11 @@ import onnx
 import pytest
 
 from benchmarks import gpu, report
-from benchmarks.models import DIGITS_CHECKPOINT, DIGITS_VERSION, BenchModel
+from benchmarks.model_level import DIGITS_CHECKPOINT, DIGITS_VERSION, BenchModel
 from benchmarks.timing import Budget
-from export.metadata import MODEL_FILE
 from models import checkpoint
 from service.errors import ModelLoadError
+from stepnet.repository import MODEL_FILE
 
 pytestmark = pytest.mark.timeout(300)
 QUICK = Budget(warmup=1, seconds=0.1, min_reps=2, max_reps=3)

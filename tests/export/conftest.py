@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from export import calibration, graph, pipeline
+from export import graph, pipeline, samples
 from models import checkpoint, data
 from models.net import build
 
@@ -50,7 +50,7 @@ def _tree(root: Path) -> dict[str, str]:
 
 def _digits_images(n: int = 64) -> tuple[np.ndarray, np.ndarray]:
     test_set, _ = data.load("digits", "test")
-    return calibration.load_images(test_set, calibration.spread(len(test_set), n))
+    return samples.load_images(test_set, samples.evenly_spaced(len(test_set), n))
 
 
 class Exports:

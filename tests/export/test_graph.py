@@ -130,3 +130,23 @@ def test_imagenet_style_stem_and_bottleneck_blocks_fold_and_fuse():
     for g, e in zip(got, expected):
         np.testing.assert_array_equal(np.isnan(g), np.isnan(e))
         np.testing.assert_allclose(np.nan_to_num(g), np.nan_to_num(e), rtol=1e-4, atol=1e-4)
+
+
+def test_op_types_are_fixed_and_match_the_committed_default_model():
+    """The op types are a public interface (graph tools show them): spelled out, not derived from
+    class names, and the graph built from the default checkpoint has those of the committed file."""
+    from pathlib import Path
+
+    from export import steps
+
+    assert sorted(k.op_type for k in steps.KINDS) == sorted(
+        f"{a}{s}" for a in ("Constant", "SqueezeExcitation", "StiffnessAware") for s in ("Step", "FirstStep"))
+    root = Path(__file__).resolve().parents[2]
+    committed = onnx.load(str(root / "model_repository" / "stepnet-digits" / "1" / "model.onnx"))
+    model, _, _ = checkpoint.load(root / "checkpoints" / "stepnet-digits")
+    built = graph.build_onnx(model)
+    ops = lambda proto: [(n.domain, n.op_type, n.name) for n in proto.graph.node if n.domain == "ai.stepnet"]
+    assert ops(built) == ops(committed)
+    assert ops(committed)[:2] == [("ai.stepnet", "StiffnessAwareFirstStep", "stage1.block1"),
+                                  ("ai.stepnet", "StiffnessAwareStep", "stage1.block2")]
+    assert [f.name for f in built.functions] == [f.name for f in committed.functions]

@@ -5,19 +5,28 @@ import json
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
-from export import graph, metadata, pipeline, repository, verify
+from export import graph, pipeline, repository, verify
+from models import data
 from stepnet.cli import main
+from stepnet.repository import METADATA_FILE, METADATA_KEY, MODEL_FILE
+from stepnet.repository.metadata import ModelMetadata
+
+
+def read_json(version_dir) -> dict:
+    return json.loads((version_dir / METADATA_FILE).read_text())
 
 
 def test_metadata_round_trip(exports):
     target = exports.version_dir("stepnet")
-    meta = metadata.read_model_json(target)
-    proto = onnx.load(str(target / metadata.MODEL_FILE))
-    mirrored = metadata.from_metadata_props({p.key: p.value for p in proto.metadata_props})
+    meta = read_json(target)
+    proto = onnx.load(str(target / MODEL_FILE))
+    mirrored = json.loads({p.key: p.value for p in proto.metadata_props}[METADATA_KEY])
     assert mirrored == {k: v for k, v in meta.items() if k != "files"}
-    assert set(metadata.FIELDS) <= set(meta)
+    assert {name for name, field in ModelMetadata.model_fields.items() if field.is_required()} <= set(meta)
+    assert ModelMetadata.model_validate(meta).files["model.onnx"].bytes == (target / "model.onnx").stat().st_size
     assert meta["files"]["model.onnx"]["bytes"] == (target / "model.onnx").stat().st_size
     assert meta["verification"]["passed"] is True
     assert meta["input"] == {"name": "input", "shape": [1, 32, 32], "dtype": "float32"}
@@ -25,7 +34,7 @@ def test_metadata_round_trip(exports):
 
 
 def test_calibration_profile_is_present_and_sane(exports):
-    meta = metadata.read_model_json(exports.version_dir("stepnet"))
+    meta = read_json(exports.version_dir("stepnet"))
     profile = meta["profile"]
     assert profile["dataset"] == "digits" and profile["samples"] == 360   # the whole test split
     assert [row["name"] for row in profile["layers"]] == [row["name"] for row in meta["layers"]]
@@ -35,11 +44,18 @@ def test_calibration_profile_is_present_and_sane(exports):
             assert np.isfinite(row["log_nsi_mean"]) and row["log_nsi_std"] > 0
         else:
             assert row["log_nsi_mean"] is None and row["log_nsi_std"] is None
-    assert 0 <= meta["accuracy"]["top1"] <= 1 and meta["accuracy"]["samples"] == 360
+    assert [row["stage"] for row in profile["stages"]] == [1, 2, 3]
+    assert all(row["stiffness_ratio"] >= 1 for row in profile["stages"])   # max over min
+    test_set, _ = data.load("digits", "test")                              # top-1 as ORT measures it
+    images = np.stack([test_set[i][0].numpy() for i in range(len(test_set))])
+    labels = np.array([test_set[i][1] for i in range(len(test_set))])
+    session = ort.InferenceSession(str(exports.version_dir("stepnet") / MODEL_FILE))
+    top1 = float((session.run(["logits"], {"input": images})[0].argmax(1) == labels).mean())
+    assert meta["accuracy"]["top1"] == pytest.approx(top1) and meta["accuracy"]["samples"] == 360
 
 
 def test_resnet_profile_has_unit_steps(exports):
-    profile = metadata.read_model_json(exports.version_dir("resnet"))["profile"]
+    profile = read_json(exports.version_dir("resnet"))["profile"]
     assert all(row["step_size_mean"] == 1 and row["step_size_std"] == 0 for row in profile["layers"])
 
 

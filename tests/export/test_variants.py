@@ -4,15 +4,17 @@ nothing (exit 1)."""
 
 import copy
 import hashlib
+import json
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 
-from export import calibration, graph, metadata, pipeline, variants
+from export import graph, pipeline, samples, variants
 from models import data
 from stepnet.cli import main
+from stepnet.repository import METADATA_FILE, METADATA_KEY, OUTPUTS, VARIANT_FILES
 
 # the test checkpoints have random weights: their logits lie close together, so the top-1 limits
 # that a trained model meets (docs/model-repository.md) are loosened here; the mechanics are tested
@@ -33,14 +35,14 @@ def with_variants(tmp_path_factory, exports):
 
 
 def test_variants_are_listed_with_checksums_and_verification(with_variants):
-    meta = metadata.read_model_json(with_variants)
+    meta = json.loads((with_variants / METADATA_FILE).read_text())
     assert set(meta["files"]) == {"model.onnx", "model.fp16.onnx", "model.int8.onnx"}
     for file, entry in meta["files"].items():
         data = (with_variants / file).read_bytes()
         assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     assert [*meta["variants"]] == ["fp16", "int8"]
     for name, entry in meta["variants"].items():
-        assert entry["file"] == variants.FILES[name]
+        assert entry["file"] == VARIANT_FILES[name]
         report = entry["verification"]
         assert report["passed"] is True and report["samples"] == 96
         assert report["fp32_top1"] == pytest.approx(meta["accuracy"]["top1"])
@@ -50,15 +52,15 @@ def test_variants_are_listed_with_checksums_and_verification(with_variants):
 
 
 def test_variant_files_mirror_the_metadata_and_keep_the_interface(with_variants):
-    meta = metadata.read_model_json(with_variants)
+    meta = json.loads((with_variants / METADATA_FILE).read_text())
     for file in ("model.fp16.onnx", "model.int8.onnx"):
         proto = onnx.load(str(with_variants / file))
         props = {p.key: p.value for p in proto.metadata_props}
-        assert metadata.from_metadata_props(props) == {k: v for k, v in meta.items() if k != "files"}
+        assert json.loads(props[METADATA_KEY]) == {k: v for k, v in meta.items() if k != "files"}
         session = ort.InferenceSession(str(with_variants / file), providers=["CPUExecutionProvider"])
         assert [(i.name, i.type) for i in session.get_inputs()] == [("input", "tensor(float)")]
         assert [(o.name, o.type) for o in session.get_outputs()] == [
-            (name, "tensor(float)") for name in metadata.OUTPUTS]
+            (name, "tensor(float)") for name in OUTPUTS]
         steps = [n for n in proto.graph.node if n.domain == "ai.stepnet"]
         assert len(steps) == len(meta["layers"])          # the step nodes stay whole
 
@@ -84,8 +86,8 @@ def test_fp16_keeps_steps_in_float32_and_int8_quantizes_convolutions(with_varian
 
 def test_recorded_agreement_and_accuracy_are_what_onnxruntime_measures(with_variants):
     test_set, _ = data.load("digits", "test")
-    images, labels = calibration.load_images(test_set, calibration.spread(len(test_set), 96))
-    meta = metadata.read_model_json(with_variants)
+    images, labels = samples.load_images(test_set, samples.evenly_spaced(len(test_set), 96))
+    meta = json.loads((with_variants / METADATA_FILE).read_text())
     fp32 = ort.InferenceSession(str(with_variants / "model.onnx"), providers=["CPUExecutionProvider"])
     reference = fp32.run(["logits"], {"input": images})[0].argmax(1)
     for name, entry in meta["variants"].items():

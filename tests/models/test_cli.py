@@ -107,7 +107,9 @@ def test_training_interrupted_before_its_first_snapshot_leaves_nothing(tmp_path)
 def test_help_lists_commands_and_options():
     result = run("--help", timeout=60)
     assert result.returncode == 0
-    assert "train" in result.stdout and "evaluate" in result.stdout
+    listed = result.stdout.split("COMMAND", 1)[1]
+    for command in ("train", "evaluate", "export", "graph", "serve", "analyze", "bench"):
+        assert f"\n    {command} " in listed, command        # argparse's list of subcommands
     result = run("train", "--help", timeout=60)
     for option in ("--dataset", "--family", "--depth", "--epochs", "--out"):
         assert option in result.stdout

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.net import CIFAR_DEPTHS, FAMILIES, IMAGENET_DEPTHS, FirstStep, Step, build
+from models.net import CIFAR_DEPTHS, FAMILIES, IMAGENET_DEPTHS, Step, build
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -47,7 +47,7 @@ def _record_steps(model):
     """Forward hooks on every step: the (x_t, f_t) each one received, in network order."""
     records = []
     hooks = [m.register_forward_hook(lambda mod, args, out: records.append((args[0], args[1], out)))
-             for m in model.modules() if isinstance(m, (Step, FirstStep))]
+             for m in model.modules() if isinstance(m, Step)]
     return records, hooks
 
 

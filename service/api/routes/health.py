@@ -1,8 +1,9 @@
 """Liveness and readiness, for load balancers and orchestrators."""
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from service.api.deps import StartingRepositoryDep
 from service.schemas import Health, Readiness
 
 router = APIRouter(tags=["health"])
@@ -16,10 +17,9 @@ async def healthz() -> Health:
 
 @router.get("/readyz", response_model=Readiness,
             responses={503: {"model": Readiness, "description": "models still loading, or none loaded"}})
-async def readyz(request: Request):
+async def readyz(repository: StartingRepositoryDep):
     """200 once every model has loaded and warmed up; 503 before."""
-    repository = getattr(request.app.state, "repository", None)
-    states = repository.states() if repository is not None else []
+    records = repository.records() if repository is not None else []
     body = Readiness(ready=repository is not None and repository.ready,
-                     models={f"{s.name}:{s.version}": s.state for s in states})
+                     models={f"{r.name}:{r.version}": r.state.value for r in records})
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)

@@ -8,20 +8,20 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from pydantic_core import from_json
 
-from service.api.deps import RepositoryDep, SettingsDep, require_admin
-from service.api.routes.v2 import ModelName
+from service.api.deps import ModelName, RepositoryDep, SettingsDep, require_admin
 from service.api.upload import check_media_type, read_body
 from service.errors import (AdminDisabled, BadRequest, BodyTimeout, ModelLoadError, ModelNotFound,
                             NotReady, PayloadTooLarge, Unauthorized, UnsupportedMediaType,
                             VersionNotFound, protocol_error_responses)
 from service.protocol.schemas import IndexEntry, IndexRequest, RepositoryRequest, inline_schema
-from service.repository import FAILED, LOADING, READY, UNLOADED, UNLOADING, Repository
-from stepnet.repository import parse_version
+from service.repository import Repository
+from stepnet.repository import VersionState, parse_version
 
 router = APIRouter(tags=["open inference protocol (v2)"])
 
-STATES = {READY: "READY", LOADING: "LOADING", UNLOADING: "UNLOADING", FAILED: "UNAVAILABLE",
-          UNLOADED: "UNAVAILABLE"}
+# the protocol's names; it has one for every state that does not serve
+STATES = {VersionState.READY: "READY", VersionState.LOADING: "LOADING", VersionState.UNLOADING: "UNLOADING",
+          VersionState.FAILED: "UNAVAILABLE", VersionState.UNLOADED: "UNAVAILABLE"}
 ADMIN_ERRORS = protocol_error_responses(BadRequest, ModelLoadError, Unauthorized, AdminDisabled,
                                         ModelNotFound, VersionNotFound, PayloadTooLarge,
                                         UnsupportedMediaType, BodyTimeout, NotReady)
@@ -57,7 +57,7 @@ def _parameters(value: dict[str, Any]) -> dict[str, Any]:
 
 async def _entries(repository: Repository, name: str | None = None) -> list[IndexEntry]:
     return [IndexEntry(name=s.name, version=str(s.version), state=STATES[s.state],
-                       reason="" if s.state == READY else s.error or "")
+                       reason="" if s.state is VersionState.READY else s.error or "")
             for s in await repository.index() if name is None or s.name == name]
 
 

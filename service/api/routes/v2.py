@@ -6,13 +6,12 @@ requests join the same batches. service.protocol.codec encodes the tensors.
 """
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.api.deps import RepositoryDep, SettingsDep, deadline
+from service.api.deps import (LatestDep, ModelName, ModelVersion, RepositoryDep, SettingsDep,
+                              StartingRepositoryDep, VersionedDep, deadline)
 from service.api.upload import check_media_type, read_body
 from service.errors import (BadRequest, BodyTimeout, EmptyBody, ImageTooLarge, InferenceFailed,
                             InvalidImage, ModelNotFound, NotReady, Overloaded, PayloadTooLarge,
@@ -21,16 +20,14 @@ from service.errors import (BadRequest, BodyTimeout, EmptyBody, ImageTooLarge, I
 from service.protocol.codec import HEADER_LENGTH, decode_request, encode_response, model_metadata
 from service.protocol.schemas import (InferRequest, InferResponse, Live, ModelMetadataResponse,
                                       ModelReady, Ready, ServerMetadata, inline_schema)
-from service.repository import READY, Repository
+from service.repository import Repository
 from service.served import ServedModel
 from stepnet import __version__
-from stepnet.repository import VERSION_PATTERN, VERSION_RULE, parse_version
+from stepnet.repository import VersionState, parse_version
 
 router = APIRouter(tags=["open inference protocol (v2)"])
 
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
-ModelName = Annotated[str, Path(description="model name")]
-ModelVersion = Annotated[str, Path(pattern=VERSION_PATTERN, description=f"model version, {VERSION_RULE}")]
 # JSON, the binary tensor data extension, or no Content-Type at all (tritonclient sends none)
 INFER_MEDIA_TYPES = ("", "application/json", "application/octet-stream")
 
@@ -47,21 +44,6 @@ INFER_ERRORS = protocol_error_responses(
 MODEL_ERRORS = protocol_error_responses(BadRequest, ModelNotFound, VersionNotFound, NotReady)
 
 
-async def _latest(repository: RepositoryDep, model_name: ModelName) -> AsyncIterator[ServedModel]:
-    with repository.get(model_name).lease() as served:
-        yield served
-
-
-async def _versioned(repository: RepositoryDep, model_name: ModelName,
-                     model_version: ModelVersion) -> AsyncIterator[ServedModel]:
-    with repository.get(model_name, parse_version(model_version)).lease() as served:
-        yield served
-
-
-LatestDep = Annotated[ServedModel, Depends(_latest)]
-VersionedDep = Annotated[ServedModel, Depends(_versioned)]
-
-
 @router.get("/v2", response_model=ServerMetadata)
 async def server_metadata() -> ServerMetadata:
     return ServerMetadata(name="stepnet", version=__version__, extensions=EXTENSIONS)
@@ -74,9 +56,8 @@ async def live() -> Live:
 
 @router.get("/v2/health/ready", response_model=Ready,
             responses={400: {"model": Ready, "description": "models still loading, or none served"}})
-async def ready(request: Request) -> JSONResponse:
+async def ready(repository: StartingRepositoryDep) -> JSONResponse:
     """200 once start-up has loaded and warmed the models; 400 (the protocol's "false") before."""
-    repository = getattr(request.app.state, "repository", None)
     is_ready = repository is not None and repository.ready
     return JSONResponse(Ready(ready=is_ready).model_dump(), status_code=200 if is_ready else 400)
 
@@ -94,7 +75,7 @@ async def model_version(served: VersionedDep, repository: RepositoryDep) -> Mode
 
 def _ready(repository: Repository, name: str, version: int | None) -> JSONResponse:
     state = repository.resolve(name, version)
-    body = ModelReady(name=name, version=str(state.version), ready=state.state == READY)
+    body = ModelReady(name=name, version=str(state.version), ready=state.state is VersionState.READY)
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 400)
 
 

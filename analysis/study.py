@@ -13,7 +13,7 @@ split with diagnostics, and computes:
 
 The runs that were not given train side by side in worker processes (--jobs), resnet first, so
 that the reference NSI of the sparse runs is measured while the other families still train.
-`analyze` writes OUT/results.json; models/analysis_report.py draws the figures and OUT/report.md.
+`analyze` writes OUT/results.json; analysis/report.py draws the figures and OUT/report.md.
 """
 
 import json
@@ -30,16 +30,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy import stats
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torch.utils.flop_counter import FlopCounterMode
 
-from models import checkpoint, data, stiffness
+from analysis.defaults import DEFAULT_DEPTH, DEFAULT_EPOCHS, DEFAULT_SEEDS, DEFAULT_SPARSE_K
+from models import checkpoint, data
 from models.net import DEPTHS, FAMILIES, StepNet, build
 from models.train import TrainConfig, fixed_subset, train
+from stepnet import statistics
 from stepnet.errors import UserError
+from stepnet.repository import STEP_MEAN
 
-DEFAULT_DEPTH, DEFAULT_SEEDS, DEFAULT_EPOCHS = 20, 3, 5
-DEFAULT_SPARSE_K = (1, 3)
 REFERENCE_IMAGES = 2000        # training images the reference NSI profile is measured on
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 
@@ -218,15 +219,14 @@ def summarize_family(runs: list[dict], layers: list[dict]) -> dict:
     defined = np.array([row["nsi_defined"] for row in layers])
     stages = [row["stage"] for row in layers]
     nsi = np.concatenate([r["nsi"][:, defined] for r in runs])        # (seeds * N, L defined)
-    step = np.concatenate([r["step_size"][:, :, 0] for r in runs])    # (seeds * N, L)
+    step = np.concatenate([r["step_size"][:, :, STEP_MEAN] for r in runs])    # (seeds * N, L)
     nsi_means = np.stack([r["nsi"][:, defined].mean(0) for r in runs])          # (seeds, L defined)
-    step_means = np.stack([r["step_size"][:, defined, 0].mean(0) for r in runs])
-    within = [_spearman(r["nsi"][:, i], r["step_size"][:, i, 0])
+    step_means = np.stack([r["step_size"][:, defined, STEP_MEAN].mean(0) for r in runs])
+    within = [_spearman(r["nsi"][:, i], r["step_size"][:, i, STEP_MEAN])
               for r in runs for i in np.flatnonzero(defined)]
     within = [v for v in within if v is not None]
-    ratios = np.stack([                                               # (seeds, S): median over samples
-        np.median(stiffness.stage_stiffness_ratio(torch.from_numpy(r["nsi"]), stages).numpy(), 0)
-        for r in runs])
+    ratios = np.array([statistics.median_stage_stiffness_ratio(r["nsi"], stages) for r in runs],
+                      dtype=float)                                    # (seeds, S); NaN: no ratio
 
     def per_layer(values: np.ndarray) -> list[float | None]:          # None where NSI is undefined
         full = np.full(len(layers), np.nan)
@@ -357,11 +357,9 @@ def cifar_estimate(results: dict) -> dict:
             "wall_seconds": results["seconds"] * scale}
 
 
-def analyze(cfg: AnalysisConfig, log: Callable[[str], None] = lambda message: None) -> dict:
-    """Run the whole analysis; writes OUT/results.json, OUT/report.md and the figures; returns the results."""
-    from models import analysis_report
-
-    started, cpu_started, load_started = time.perf_counter(), _cpu_seconds(), os.getloadavg()[0]
+def _plan(cfg: AnalysisConfig) -> tuple[Recipe, dict[RunKey, Path], list[dict], list[int]]:
+    """The recipe, the given runs, the layers and the sparse k values, checked before anything
+    trains."""
     _check_out(cfg)
     recipe, given = _given_runs(cfg) if cfg.checkpoints else (_recipe(cfg), {})
     _, info = data.load(recipe.dataset, "test", cfg.data_dir)
@@ -373,35 +371,45 @@ def analyze(cfg: AnalysisConfig, log: Callable[[str], None] = lambda message: No
                         f"of depth {recipe.depth} with a defined NSI")
     if cfg.jobs is not None and cfg.jobs < 1:
         raise UserError("--jobs must be at least 1")
+    return recipe, given, layers, sparse_k
+
+
+def _reference_set(cfg: AnalysisConfig, recipe: Recipe) -> tuple[int, Subset]:
+    """(the size of the training split, the training images the reference NSI is measured on)."""
     train_set, _ = data.load(recipe.dataset, "train", cfg.data_dir)
     if recipe.train_images is not None and not 1 <= recipe.train_images <= len(train_set):
         raise UserError(f"--train-images must be between 1 and {len(train_set)}")
-    reference_set = fixed_subset(train_set, min(REFERENCE_IMAGES, recipe.train_images or len(train_set)))
-    total = len(recipe.seeds) * (len(FAMILIES) + len(sparse_k))
-    jobs = min(cfg.jobs or len(os.sched_getaffinity(0)), max(1, total - len(given)))
-    runner = _Runner(recipe, cfg, given, total, log)
+    return len(train_set), fixed_subset(train_set, min(REFERENCE_IMAGES, recipe.train_images or len(train_set)))
 
+
+def _train_and_measure(runner: _Runner, jobs: int, layers: list[dict], sparse_k: list[int],
+                       reference_set) -> tuple[dict[str, list[dict]], dict[int, list[dict]], list[float | None]]:
+    """Trains and measures every run, resnet first: the sparse runs' blocks come from its
+    reference NSI, measured while the other families still train. Returns the runs per family,
+    the sparse runs per k, and the reference NSI."""
+    seeds = runner.recipe.seeds
     with _training_pool(jobs) as runner.pool:
-        for family in FAMILIES:                 # resnet first: the sparse runs need its reference NSI
-            for seed in recipe.seeds:
+        for family in FAMILIES:
+            for seed in seeds:
                 runner.submit(RunKey(family, seed))
-        resnet = [runner.measure(RunKey("resnet", seed), reference_set) for seed in recipe.seeds]
+        resnet = [runner.measure(RunKey("resnet", seed), reference_set) for seed in seeds]
         reference_nsi = _none_if_nan(np.mean([run["reference_nsi"] for run in resnet], 0))
-        sparse_keys = {k: [RunKey("stepnet", seed, top_k_blocks(reference_nsi, layers, k))
-                           for seed in recipe.seeds] for k in sparse_k}
+        sparse_keys = {k: [RunKey("stepnet", seed, top_k_blocks(reference_nsi, layers, k)) for seed in seeds]
+                       for k in sparse_k}
         for key in (key for keys in sparse_keys.values() for key in keys):
             runner.submit(key)
-        runs = {"resnet": resnet, **{family: [runner.measure(RunKey(family, seed)) for seed in recipe.seeds]
+        runs = {"resnet": resnet, **{family: [runner.measure(RunKey(family, seed)) for seed in seeds]
                                      for family in FAMILIES[1:]}}
         sparse_runs = {k: [runner.measure(key) for key in keys] for k, keys in sparse_keys.items()}
-    for key in given.keys() - {run["key"] for rs in [*runs.values(), *sparse_runs.values()] for run in rs}:
-        log(f"not used: {given[key]} ({key.name}, adaptor blocks {key.blocks})")
+    return runs, sparse_runs, reference_nsi
 
-    families = {family: summarize_family(rs, layers) for family, rs in runs.items()}
-    all_names = [row["name"] for row in layers]
+
+def _sparse_rows(runs: dict[str, list[dict]], sparse_runs: dict[int, list[dict]], layers: list[dict],
+                 families: dict[str, dict]) -> list[dict]:
+    """Item 5: no adaptor (resnet), adaptors at the top-k blocks, adaptors at all (stepnet)."""
     rows = [("none (resnet)", [], runs["resnet"]),
-            *((f"top-{k}", list(sparse_keys[k][0].blocks), sparse_runs[k]) for k in sparse_k),
-            ("all (stepnet)", all_names, runs["stepnet"])]
+            *((f"top-{k}", list(rs[0]["key"].blocks), rs) for k, rs in sparse_runs.items()),
+            ("all (stepnet)", [row["name"] for row in layers], runs["stepnet"])]
     sparse = []
     for label, blocks, rs in rows:
         accuracy = [float(r["correct"].mean()) for r in rs]
@@ -410,25 +418,54 @@ def analyze(cfg: AnalysisConfig, log: Callable[[str], None] = lambda message: No
                        "accuracy_mean": mean, "accuracy_std": std, "params": rs[0]["params"],
                        "flops": rs[0]["flops"],
                        "vs_none": compare(accuracy, families["resnet"]["accuracy"])})
+    return sparse
+
+
+def _summarize(layers: list[dict], runs: dict[str, list[dict]], sparse_runs: dict[int, list[dict]],
+               reference_nsi: list[float | None]) -> dict:
+    """Items 1-5 of the module docstring from the measured runs."""
+    families = {family: summarize_family(rs, layers) for family, rs in runs.items()}
+    return {"layers": layers, "families": families, "reference_nsi": reference_nsi,
+            "sparse": _sparse_rows(runs, sparse_runs, layers, families),
+            "comparisons": [{"a": a, "b": b, **compare(families[a]["accuracy"], families[b]["accuracy"])}
+                            for a, b in (("stepnet", "resnet"), ("stepnet", "se"), ("se", "resnet"))]}
+
+
+def _run_rows(runs: list[dict], given: dict[RunKey, Path]) -> list[dict]:
+    return [{"name": r["key"].name, "family": r["key"].family, "seed": r["key"].seed,
+             "adaptor_blocks": r["key"].blocks, "accuracy": float(r["correct"].mean()),
+             "train_seconds": r["train_seconds"], "checkpoint": r["checkpoint"],
+             "trained_here": r["key"] not in given} for r in runs]
+
+
+def analyze(cfg: AnalysisConfig, log: Callable[[str], None] = lambda message: None) -> dict:
+    """Run the whole analysis; writes OUT/results.json, OUT/report.md and the figures; returns the results."""
+    from analysis import report     # matplotlib: not in the training workers, which import this module
+
+    started, cpu_started, load_started = time.perf_counter(), _cpu_seconds(), os.getloadavg()[0]
+    recipe, given, layers, sparse_k = _plan(cfg)
+    train_size, reference_set = _reference_set(cfg, recipe)
+    total = len(recipe.seeds) * (len(FAMILIES) + len(sparse_k))
+    jobs = min(cfg.jobs or len(os.sched_getaffinity(0)), max(1, total - len(given)))
+    runner = _Runner(recipe, cfg, given, total, log)
+    runs, sparse_runs, reference_nsi = _train_and_measure(runner, jobs, layers, sparse_k, reference_set)
     all_runs = [r for rs in [*runs.values(), *sparse_runs.values()] for r in rs]
+    for key in given.keys() - {run["key"] for run in all_runs}:
+        log(f"not used: {given[key]} ({key.name}, adaptor blocks {key.blocks})")
+
+    train_images = recipe.train_images or train_size
     results = {
         "dataset": recipe.dataset, "depth": recipe.depth, "seeds": list(recipe.seeds),
         "epochs": recipe.epochs, "batch_size": recipe.batch_size, "lr": recipe.lr,
-        "train_images": recipe.train_images or len(train_set),
-        "train_subset": (recipe.train_images or len(train_set)) < len(train_set),
+        "train_images": train_images, "train_subset": train_images < train_size,
         "test_images": len(runner.test_set), "reference_images": len(reference_set),
-        "layers": layers, "families": families, "reference_nsi": reference_nsi, "sparse": sparse,
-        "comparisons": [{"a": a, "b": b, **compare(families[a]["accuracy"], families[b]["accuracy"])}
-                        for a, b in (("stepnet", "resnet"), ("stepnet", "se"), ("se", "resnet"))],
-        "runs": [{"name": r["key"].name, "family": r["key"].family, "seed": r["key"].seed,
-                  "adaptor_blocks": r["key"].blocks, "accuracy": float(r["correct"].mean()),
-                  "train_seconds": r["train_seconds"], "checkpoint": r["checkpoint"],
-                  "trained_here": r["key"] not in given} for r in all_runs],
+        **_summarize(layers, runs, sparse_runs, reference_nsi),
+        "runs": _run_rows(all_runs, given),
         "jobs": jobs, "cores": len(os.sched_getaffinity(0)),
     }
     cfg.out.mkdir(parents=True, exist_ok=True)
-    analysis_report.figures(cfg.out, results, {f: [{k: r[k] for k in ("nsi", "step_size")} for r in rs]
-                                               for f, rs in runs.items()})
+    report.figures(cfg.out, results, {f: [{k: r[k] for k in ("nsi", "step_size")} for r in rs]
+                                      for f, rs in runs.items()})
     results["training_seconds"] = round(runner.training_seconds, 1)
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["cpu_seconds"] = round(_cpu_seconds() - cpu_started, 1)
@@ -436,5 +473,5 @@ def analyze(cfg: AnalysisConfig, log: Callable[[str], None] = lambda message: No
     if not recipe.dataset.startswith("cifar") and not given:
         results["cifar_estimate"] = cifar_estimate(results)
     (cfg.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    analysis_report.write(cfg.out, results)
+    report.write(cfg.out, results)
     return results

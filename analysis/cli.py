@@ -1,13 +1,12 @@
-"""`stepnet analyze`: the stiffness analysis report (models/analysis.py). Imports nothing heavy."""
+"""`stepnet analyze`: the stiffness analysis report (analysis/study.py). Imports nothing heavy."""
 
 import sys
 from pathlib import Path
 
+from analysis.defaults import DEFAULT_DEPTH, DEFAULT_EPOCHS, DEFAULT_SEEDS, DEFAULT_SPARSE_K
 from stepnet.errors import UserError
 
 DATASET_HELP = "digits (embedded, default) | cifar10 | cifar100 | imagefolder"
-# the defaults of models.analysis (not imported here: it imports torch)
-DEFAULT_DEPTH, DEFAULT_SEEDS, DEFAULT_EPOCHS, DEFAULT_SPARSE_K = 20, 3, 5, "1,3"
 
 
 def parse_sparse_k(text: str) -> tuple[int, ...]:
@@ -22,7 +21,7 @@ def parse_sparse_k(text: str) -> tuple[int, ...]:
 
 
 def _cmd_analyze(args) -> int:
-    from models.analysis import AnalysisConfig, analyze
+    from analysis.study import AnalysisConfig, analyze
 
     cfg = AnalysisConfig(out=args.out, dataset=args.dataset, data_dir=args.data_dir, depth=args.depth,
                          seeds=args.seeds, epochs=args.epochs, sparse_k=parse_sparse_k(args.sparse_k),
@@ -49,9 +48,10 @@ def register(sub) -> None:
     p.add_argument("--depth", type=int, help=f"network depth (default {DEFAULT_DEPTH})")
     p.add_argument("--seeds", type=int, help=f"train seeds 0..N-1 (default {DEFAULT_SEEDS})")
     p.add_argument("--epochs", type=int, help=f"epochs per model (default {DEFAULT_EPOCHS})")
-    p.add_argument("--sparse-k", default=DEFAULT_SPARSE_K,
+    sparse_k = ",".join(map(str, DEFAULT_SPARSE_K))
+    p.add_argument("--sparse-k", default=sparse_k,
                    help="numbers of stiffest blocks that get an adaptor in the sparse comparison, "
-                        f"comma-separated, or none (default {DEFAULT_SPARSE_K})")
+                        f"comma-separated, or none (default {sparse_k})")
     p.add_argument("--checkpoints", type=Path, nargs="+", default=[], metavar="CHECKPOINT",
                    help="checkpoint folders of resnet, se and stepnet (same seeds, one recipe) to "
                         "analyze instead of training them; sparse runs missing from them are "

@@ -13,12 +13,15 @@ import scipy.stats
 import torch
 from PIL import Image
 
-from models import analysis, analysis_cli, analysis_report, checkpoint, data, stiffness
-from models.analysis_report import FIGURES, percent
+from analysis import report as analysis_report, study
+from analysis.report import FIGURES, percent
+from models import checkpoint, data
 from models.net import build
 from models.train import TrainConfig, train
+from stepnet import statistics
 from stepnet.cli import main
 from stepnet.errors import UserError
+from stepnet.repository import STEP_MEAN
 
 pytestmark = pytest.mark.timeout(120)
 TINY = ["--seeds", "1", "--epochs", "1", "--train-images", "32", "--batch-size", "32", "--sparse-k", "1",
@@ -110,7 +113,7 @@ def test_diagnostics_match_a_direct_computation(tiny):
             assert summary["nsi_max"][i] == pytest.approx(nsi[:, i].max(), rel=1e-4)
         else:
             assert summary["nsi_mean"][i] is None
-    assert summary["step_size_mean"] == pytest.approx(step_size[:, :, 0].mean(0).tolist(), rel=1e-4)
+    assert summary["step_size_mean"] == pytest.approx(step_size[:, :, STEP_MEAN].mean(0).tolist(), rel=1e-4)
     for stage, ratio in enumerate(summary["stage_stiffness_ratio"], start=1):
         cols = [i for i, row in enumerate(results["layers"]) if row["stage"] == stage and defined[i]]
         per_sample = nsi[:, cols].max(1) / nsi[:, cols].min(1)
@@ -134,10 +137,15 @@ def test_sparse_adaptors_sit_at_the_stiffest_reference_blocks(tiny):
 
 def test_stage_stiffness_ratio_is_max_over_min_of_the_defined_blocks():
     nan = float("nan")
-    nsi = torch.tensor([[nan, 2.0, 8.0, nan, 3.0, nan], [nan, 5.0, 1.0, nan, 2.0, nan]])
-    ratio = stiffness.stage_stiffness_ratio(nsi, [1, 1, 1, 2, 2, 3])
-    assert ratio[:, :2].tolist() == [[4.0, 1.0], [5.0, 1.0]]
-    assert torch.isnan(ratio[:, 2]).all()
+    nsi = np.array([[nan, 2.0, 8.0, nan, 3.0, nan], [nan, 5.0, 1.0, nan, 2.0, nan]])
+    stages = [1, 1, 1, 2, 2, 3]
+    ratio = statistics.stage_stiffness_ratio(nsi, stages)
+    expected = [[max(d) / min(d) for d in ([v for v, s in zip(row, stages) if s == stage and not np.isnan(v)]
+                                           for stage in (1, 2))] for row in nsi]
+    assert ratio[:, :2].tolist() == expected == [[4.0, 1.0], [5.0, 1.0]]
+    assert np.isnan(ratio[:, 2]).all()                      # stage 3 has no block with an NSI
+    medians = statistics.median_stage_stiffness_ratio(nsi, stages)
+    assert medians == [float(np.median([row[0] for row in expected])), 1.0, None]
 
 
 def test_a_stepnet_without_adaptors_is_resnet():
@@ -195,12 +203,6 @@ def test_refuses_a_folder_that_is_not_empty(tiny, capsys):
     assert re.search(r"stepnet analyze --dataset digits .*--train-images 32", before)
 
 
-def test_the_cli_shows_the_analysis_defaults():
-    assert (analysis_cli.DEFAULT_DEPTH, analysis_cli.DEFAULT_SEEDS, analysis_cli.DEFAULT_EPOCHS) == (
-        analysis.DEFAULT_DEPTH, analysis.DEFAULT_SEEDS, analysis.DEFAULT_EPOCHS)
-    assert analysis_cli.parse_sparse_k(analysis_cli.DEFAULT_SPARSE_K) == analysis.DEFAULT_SPARSE_K
-
-
 def test_report_estimates_the_cost_on_cifar(tiny):
     out, results = tiny
     estimate = results["cifar_estimate"]
@@ -216,10 +218,10 @@ def test_accuracy_differences_come_with_welch_t_test():
     va, vb = np.var(a, ddof=1) / 3, np.var(b, ddof=1) / 3
     t = (np.mean(a) - np.mean(b)) / np.sqrt(va + vb)
     df = (va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 2)
-    result = analysis.compare(a, b)
+    result = study.compare(a, b)
     assert result["difference"] == pytest.approx(100 * (np.mean(a) - np.mean(b)))
     assert result["p_value"] == pytest.approx(2 * scipy.stats.t.sf(abs(t), df))
-    assert analysis.compare([0.9], [0.8])["p_value"] is None
+    assert study.compare([0.9], [0.8])["p_value"] is None
 
 
 def test_the_summary_says_when_stepnet_does_not_beat_a_baseline(tiny):
@@ -238,7 +240,7 @@ def test_the_training_pool_trains_in_worker_processes(tmp_path):
     job = TrainConfig(out=tmp_path / "resnet", family="resnet", epochs=1, train_images=16, batch_size=16,
                       progress=False)
     cores = len(os.sched_getaffinity(0))
-    with analysis._training_pool(2) as pool:
+    with study._training_pool(2) as pool:
         config = pool.submit(train, job).result()
         assert pool.submit(torch.get_num_threads).result() == max(1, cores // 2)
         with pytest.raises(UserError, match="number of training images"):

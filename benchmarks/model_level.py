@@ -23,10 +23,11 @@ import torch
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from benchmarks.timing import Budget, measure, measure_interleaved
-from export import calibration, graph, metadata, runtime, variants
+from export import graph, runtime, samples, variants
 from models import checkpoint, data
 from models.net import StepNet, build
 from service.runtime import Device, Session, session_options
+from stepnet.repository import INPUT, MODEL_FILE, OUTPUTS
 
 log = logging.getLogger(__name__)
 CPU = Device("cpu", "benchmark")
@@ -62,15 +63,14 @@ def stepnet50() -> BenchModel:
                       {"fp32": proto, "int8": int8}, "8 random inputs (timing only)")
 
 
-def digits(samples: int = variants.INT8_CALIBRATION_SAMPLES) -> BenchModel:
+def digits(calibration_images: int = variants.INT8_CALIBRATION_SAMPLES) -> BenchModel:
     """The default model: its checkpoint, its exported model.onnx, and an int8 variant
     calibrated on the training split as `stepnet export --int8` does."""
     model, info, _ = checkpoint.load(DIGITS_CHECKPOINT)
-    proto = onnx.load(str(DIGITS_VERSION / metadata.MODEL_FILE))
+    proto = onnx.load(str(DIGITS_VERSION / MODEL_FILE))
     train_set, _ = data.load("digits", "train")
-    indices = calibration.spread(len(train_set), samples)
-    batches = [calibration.load_images(train_set, indices[i:i + 64])[0]
-               for i in range(0, len(indices), 64)]
+    indices = samples.evenly_spaced(len(train_set), calibration_images)
+    batches = [images for images, _ in samples.batches(train_set, indices)]
     log.info("quantizing the digits model to int8")
     return BenchModel("digits", f"default model: stepnet-{model.cfg.depth}, digits "
                                 f"{info.input_size}x{info.input_size}", model,
@@ -78,7 +78,7 @@ def digits(samples: int = variants.INT8_CALIBRATION_SAMPLES) -> BenchModel:
                       f"{len(indices)} digits training images")
 
 
-def session(proto: onnx.ModelProto, threads: int, outputs=metadata.OUTPUTS) -> Session:
+def session(proto: onnx.ModelProto, threads: int, outputs=OUTPUTS) -> Session:
     return Session(proto.SerializeToString(), CPU, threads, outputs, "benchmark")
 
 
@@ -156,8 +156,8 @@ def int8_quality(bench: BenchModel) -> dict:
     """The default model's int8 variant against fp32 on the whole digits test split."""
     test_set, _ = data.load("digits", "test")
     indices = np.arange(len(test_set))
-    fp32 = calibration.run_graph(runtime.cpu_session(bench.graphs["fp32"]), test_set, indices)
-    int8 = calibration.run_graph(runtime.cpu_session(bench.graphs["int8"]), test_set, indices)
+    fp32 = samples.run_graph(runtime.cpu_session(bench.graphs["fp32"]), test_set, indices)
+    int8 = samples.run_graph(runtime.cpu_session(bench.graphs["int8"]), test_set, indices)
     labels = fp32[3]
     acc32 = float((fp32[0].argmax(1) == labels).mean())
     acc8 = float((int8[0].argmax(1) == labels).mean())
@@ -178,7 +178,7 @@ def profile_ops(proto: onnx.ModelProto, input_shape: tuple[int, ...], batch: int
                                  providers=["CPUExecutionProvider"])
         x = np.random.default_rng(3).standard_normal((batch, *input_shape), dtype=np.float32)
         for _ in range(runs + 1):
-            s.run(None, {metadata.INPUT: x})
+            s.run(None, {INPUT: x})
         events = json.loads(Path(s.end_profiling()).read_text())
     model_runs = sorted((e["ts"], e["dur"]) for e in events
                         if e.get("cat") == "Session" and e["name"] == "model_run")

@@ -1,4 +1,4 @@
-"""The figures of `stepnet analyze`, drawn from its results (models/analysis.py) into PNG files.
+"""The figures of `stepnet analyze`, drawn from its results (analysis/study.py) into PNG files.
 
 matplotlib's object API (Figure, no pyplot) renders with Agg and leaves no global state behind.
 """
@@ -10,6 +10,8 @@ import math
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+from stepnet.repository import STEP_MEAN
 
 COLOURS = {"resnet": "#4c72b0", "se": "#dd8452", "stepnet": "#55a868"}
 DPI = 130
@@ -117,7 +119,7 @@ def step_size_vs_nsi(results: dict, samples: dict, path: Path, per_layer: int = 
         summary = results["families"][family]
         for j, i in enumerate(defined):
             nsi = np.concatenate([r["nsi"][:, i] for r in runs])
-            step = np.concatenate([r["step_size"][:, i, 0] for r in runs])
+            step = np.concatenate([r["step_size"][:, i, STEP_MEAN] for r in runs])
             pick = rng.permutation(len(nsi))[:per_layer * len(runs)]
             ax.scatter(nsi[pick], step[pick], s=5, alpha=0.25, color=colours[j], linewidths=0)
             ax.scatter(summary["nsi_mean"][i], summary["step_size_mean"][i], s=70, color=colours[j],

@@ -1,0 +1,147 @@
+"""service.batcher without HTTP: requests queued in one step coalesce into one batch, each gets its
+own row, the queue bound refuses at once, a cancelled request frees its slot and its work is never
+run, a failing run fails its batch only, and close() finishes what was admitted."""
+
+import asyncio
+import threading
+from contextlib import AsyncExitStack
+
+import numpy as np
+import pytest
+
+from service.batcher import Batcher
+from service.errors import InferenceFailed, Overloaded, ShuttingDown
+from service.metrics import Metrics
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Model:
+    """A `run` that records its batch sizes and returns each row's sum, optionally held back."""
+
+    def __init__(self, fail: bool = False):
+        self.batches: list[int] = []
+        self.release = threading.Event()
+        self.release.set()
+        self.fail = fail
+
+    def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
+        self.release.wait(10)
+        self.batches.append(len(batch))
+        if self.fail:
+            raise RuntimeError("boom")
+        return [batch.reshape(len(batch), -1).sum(1)]
+
+
+def batcher(model: Model, **options) -> Batcher:
+    settings = {"max_batch_size": 4, "max_queue_delay_s": 0.0, "max_queue_size": 8, **options}
+    return Batcher(model, name="m:1", input_dtype=np.float32, metrics=Metrics().for_model("m", 1), **settings)
+
+
+def rows(n: int) -> list[np.ndarray]:
+    return [np.full((1, 2, 2), float(i), np.float32) for i in range(n)]
+
+
+async def submit_all(b: Batcher, xs: list[np.ndarray]):
+    async with AsyncExitStack() as stack:
+        slots = [await stack.enter_async_context(b.slot()) for _ in xs]
+        return await asyncio.gather(*(slot.submit(x) for slot, x in zip(slots, xs)))
+
+
+def test_rows_queued_together_run_as_one_batch_and_each_gets_its_own_row():
+    async def main():
+        model = Model()
+        b = batcher(model, max_queue_delay_s=0.05)
+        b.start()
+        results = await submit_all(b, rows(4))
+        await b.close(5)
+        return model, results
+
+    model, results = asyncio.run(main())
+    assert model.batches == [4]
+    assert [float(r.outputs[0]) for r in results] == [0.0, 4.0, 8.0, 12.0]     # 4 pixels of value i
+    assert all(r.batch_size == 4 for r in results)
+
+
+def test_batches_never_exceed_the_largest_batch_size():
+    async def main():
+        model = Model()
+        b = batcher(model, max_batch_size=3)
+        b.start()
+        await submit_all(b, rows(7))
+        await b.close(5)
+        return model
+
+    assert sorted(asyncio.run(main()).batches, reverse=True)[0] <= 3
+
+
+def test_the_queue_bound_refuses_at_once_and_frees_with_the_slots():
+    async def main():
+        b = batcher(Model(), max_queue_size=2)
+        first, second = b.slot(), b.slot()
+        with pytest.raises(Overloaded, match="2 requests queued"):
+            b.slot()
+        async with first, second:
+            assert b.depth == 2
+        assert b.depth == 0
+        b.slot()                                   # admitted again
+        return True
+
+    assert asyncio.run(main())
+
+
+def test_a_cancelled_request_leaves_the_queue_and_its_work_is_not_done():
+    async def main():
+        model = Model()
+        model.release.clear()                      # the first batch runs, and is held there
+        b = batcher(model, max_batch_size=1)
+        b.start()
+        running = asyncio.ensure_future(submit_all(b, rows(1)))
+        await asyncio.sleep(0.05)
+        queued = asyncio.ensure_future(submit_all(b, rows(1)))
+        await asyncio.sleep(0.05)
+        assert b.depth == 1
+        queued.cancel()
+        await asyncio.sleep(0.05)
+        assert b.depth == 0                        # its slot is free again
+        model.release.set()
+        await running
+        await b.close(5)
+        return model
+
+    assert asyncio.run(main()).batches == [1]     # only the first request's batch ever ran
+
+
+def test_a_failing_run_fails_its_batch_and_the_batcher_serves_on():
+    async def main():
+        model = Model(fail=True)
+        b = batcher(model)
+        b.start()
+        with pytest.raises(InferenceFailed, match="boom"):
+            await submit_all(b, rows(2))
+        model.fail = False
+        ok = await submit_all(b, rows(1))
+        await b.close(5)
+        return ok
+
+    assert float(asyncio.run(main())[0].outputs[0]) == 0.0
+
+
+def test_close_finishes_what_was_admitted_then_refuses():
+    async def main():
+        model = Model()
+        model.release.clear()
+        b = batcher(model, max_batch_size=2)
+        b.start()
+        pending = asyncio.ensure_future(submit_all(b, rows(3)))
+        await asyncio.sleep(0.05)
+        closing = asyncio.ensure_future(b.close(5))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ShuttingDown):
+            b.slot()
+        model.release.set()
+        results = await pending
+        await closing
+        return results
+
+    assert len(asyncio.run(main())) == 3
