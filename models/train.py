@@ -29,6 +29,7 @@ from models import checkpoint, data, distributed, loading, recipes, snapshot
 from models.distributed import Context
 from models.net import NetConfig, StepNet
 from stepnet.errors import UserError
+from stepnet.repository import STEP_MEAN
 
 CHECK_EVERY = 20     # steps between the checks that need a device sync (loss finite, SIGTERM in DDP)
 
@@ -92,7 +93,7 @@ def evaluate(model: StepNet, dataset, batch_size: int = 256, workers: int = 0, c
         defined = ~torch.isnan(nsi)
         sums[0] += (logits.argmax(1) == labels).sum()
         sums[1] += len(labels)
-        sums[2:2 + n_layers] += step_size[:, :, 0].sum(0)
+        sums[2:2 + n_layers] += step_size[:, :, STEP_MEAN].sum(0)
         sums[2 + n_layers:2 + 2 * n_layers] += torch.where(defined, nsi, 0).sum(0)
         sums[2 + 2 * n_layers:] += defined.sum(0)
     correct, total, *rest = distributed.all_reduce(ctx, sums).tolist()
