@@ -9,7 +9,7 @@ DEFAULT_EPOCHS ?= 15
 MODEL_REPOSITORY ?= model_repository
 DEFAULT_MODEL := $(MODEL_REPOSITORY)/stepnet-digits/1
 
-.PHONY: serve test model checkpoint venv clean container-test bench fuzz
+.PHONY: serve test model checkpoint venv clean container-test bench fuzz screenshot
 
 venv: $(STAMP)
 
@@ -61,6 +61,10 @@ fuzz: $(STAMP)
 # About 7 minutes on a fresh machine, 1 minute when rerun; not part of `test` (docs/deploy.md).
 container-test:
 	bash deploy/container-test.sh
+
+# docs/page.png: the page at / in Debian's chromium, after a few requests (docs/screenshot.py).
+screenshot: $(STAMP) | $(DEFAULT_MODEL)/model.json
+	$(BIN)/python docs/screenshot.py docs/page.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -29,7 +29,9 @@ def build(*, name: str, version: int, model_cfg: dict, data: dict, layers: list[
         classes=list(data["classes"]),
         input={"name": INPUT, "shape": [model_cfg["in_channels"], size, size], "dtype": "float32"},
         preprocessing={"colour_mode": data["colour_mode"], "resize": data["resize"],
-                       "crop": data["input_size"], "mean": list(data["mean"]), "std": list(data["std"])},
+                       "crop": data["input_size"], "mean": list(data["mean"]), "std": list(data["std"]),
+                       "ink_normalization": (None if data.get("ink_margin") is None
+                                             else {"margin": data["ink_margin"]})},
         layers=[dict(row) for row in layers], outputs={name: name for name in OUTPUTS},
         profile=profile, checkpoint_sha256=checkpoint_sha256, exporter_version=exporter_version(),
         toolchain=toolchain(), opset=opset, accuracy=accuracy, verification=verification,

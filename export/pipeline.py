@@ -23,7 +23,7 @@ from stepnet.repository.metadata import ModelMetadata, to_json
 
 log = logging.getLogger(__name__)
 REFERENCE_SAMPLES = 2
-PREPROCESSING = ("colour_mode", "input_size", "resize", "mean", "std")
+PREPROCESSING = ("colour_mode", "input_size", "resize", "mean", "std", "ink_margin")
 
 
 def _calibration_data(info: data.DataInfo, dataset: str, data_dir: Path | None,
@@ -31,7 +31,8 @@ def _calibration_data(info: data.DataInfo, dataset: str, data_dir: Path | None,
     """The calibration dataset's test split (train: int8 calibration); it must be the checkpoint's
     task: same classes and the same preprocessing, or its profile and accuracy would describe
     another model input."""
-    test_set, cal_info = data.load(dataset, split, data_dir, input_size=info.input_size)
+    test_set, cal_info = data.load(dataset, split, data_dir, input_size=info.input_size,
+                                   ink_margin=info.ink_margin)
     for field in ("classes", *PREPROCESSING):
         if getattr(cal_info, field) != getattr(info, field):
             raise UserError(f"calibration dataset {dataset} does not match the checkpoint's data "

@@ -19,7 +19,23 @@ def _train_config(args):
                        input_size=args.input_size, workers=args.workers, train_images=args.train_images,
                        device=args.device, precision=args.precision, compile=args.compile,
                        sync_bn=args.sync_bn, resume=args.resume, save_every=args.save_every,
+                       ink_margin=_ink_margin(args.ink_margin),
                        force=args.force, progress=not args.quiet)
+
+
+def _ink_margin(text: str) -> float | None | str:
+    """--ink-normalization: auto | off | a margin."""
+    from stepnet.errors import UserError
+
+    if text in ("auto", "off"):
+        return None if text == "off" else "auto"
+    try:
+        margin = float(text)
+    except ValueError:
+        margin = float("nan")
+    if not 0 <= margin <= 1:
+        raise UserError(f"--ink-normalization takes auto, off or a margin from 0 to 1 such as 0.15; got {text!r}")
+    return margin
 
 
 def _cmd_train(args) -> int:
@@ -65,7 +81,8 @@ def _cmd_evaluate(args) -> int:
     config = checkpoint.read_config(args.checkpoint)
     dataset = args.dataset or config.get("dataset", "digits")
     test_set, info = data.load(dataset, "test", args.data_dir,
-                               input_size=config.get("data", {}).get("input_size"))
+                               input_size=config.get("data", {}).get("input_size"),
+                               ink_margin=config.get("data", {}).get("ink_margin"))
     model, _, _ = checkpoint.load(args.checkpoint, expect_classes=len(info.classes))
     ctx = distributed.Context(device, reason)
     result = evaluate(model.to(device), test_set, batch_size=args.batch_size, workers=args.workers, ctx=ctx,
@@ -100,6 +117,9 @@ def register(sub) -> None:
     p.add_argument("--input-size", type=int, help="model input size for imagefolder (default 224)")
     p.add_argument("--train-images", type=int,
                    help="train on a fixed random subset of this many images (default: all)")
+    p.add_argument("--ink-normalization", dest="ink_margin", default="auto",
+                   help="grayscale data: read marks in any polarity, size and place "
+                        "(stepnet/preprocessing.py): auto (digits: on, margin 0.15) | off | MARGIN")
     g = p.add_argument_group("recipe", "the recipe's values; each flag overrides one (models/recipes.py)")
     g.add_argument("--recipe", help="cifar (default for depths 20-164) | imagenet (default for 18-101)")
     g.add_argument("--epochs", type=int, help="cifar 15, imagenet 90")

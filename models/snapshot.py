@@ -24,7 +24,7 @@ from stepnet.errors import UserError
 FOLDER, STATE, INFO = "snapshot", "snapshot.pt", "snapshot.json"
 FORMAT_VERSION = 1
 # what must match for --resume: a different value is another run, not this one continued
-ARCHITECTURE_KEYS = ("model", "dataset", "train_images")
+ARCHITECTURE_KEYS = ("model", "dataset", "train_images", "ink_margin")
 
 
 def folder(out: Path) -> Path:

@@ -53,6 +53,7 @@ class TrainConfig:
     input_size: int | None = None
     adaptor_blocks: tuple[str, ...] | None = None
     train_images: int | None = None    # train on a fixed random subset of this many images
+    ink_margin: float | None | str = "auto"     # models.data.load's: the data set's own by default
     workers: int | None = None         # None: loading.default_workers
     device: str = "auto"
     precision: str = "fp32"
@@ -127,6 +128,7 @@ def _identity(net_cfg: NetConfig, cfg: TrainConfig, recipe: recipes.Recipe, glob
     """What makes two runs the same run (models.snapshot.check_identity), as JSON reads it back."""
     return json.loads(json.dumps({
         "model": asdict(net_cfg), "dataset": cfg.dataset, "train_images": cfg.train_images,
+        "ink_margin": cfg.ink_margin,
         "recipe": recipe.to_dict(), "seed": cfg.seed, "global_batch": global_batch,
         "precision": cfg.precision, "sync_bn": cfg.sync_bn}))
 
@@ -137,8 +139,10 @@ def prepare(cfg: TrainConfig, ctx: Context) -> dict:
     distributed.check_precision(cfg.precision, ctx.device)
     if cfg.save_every < 1:
         raise UserError("--save-every must be at least 1")
-    train_set, info = data.load(cfg.dataset, "train", cfg.data_dir, augment=True, input_size=cfg.input_size)
-    test_set, _ = data.load(cfg.dataset, "test", cfg.data_dir, input_size=cfg.input_size)
+    train_set, info = data.load(cfg.dataset, "train", cfg.data_dir, augment=True, input_size=cfg.input_size,
+                                ink_margin=cfg.ink_margin)
+    test_set, _ = data.load(cfg.dataset, "test", cfg.data_dir, input_size=cfg.input_size,
+                            ink_margin=cfg.ink_margin)
     try:
         net_cfg = NetConfig(cfg.family, cfg.depth, len(info.classes), info.input_size, info.in_channels,
                             adaptor_blocks=cfg.adaptor_blocks)

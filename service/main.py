@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api.routes import (docs, health, metrics as metrics_route, models, predict,
+from service.api.routes import (docs, health, metrics as metrics_route, models, page, predict,
                                 repository as repository_route, stiffness, v2)
 from service.core.config import Settings
 from service.errors import install_error_handlers
@@ -61,7 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings, app.state.metrics = settings, metrics
     install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
-    for module in (predict, stiffness, models, health, metrics_route, v2, repository_route, docs):
+    for module in (predict, stiffness, models, health, metrics_route, v2, repository_route, docs, page):
         app.include_router(module.router)
     app.mount(docs.ASSETS, docs.assets, name="docs-assets")
     _document_settings(app, settings)

@@ -1,5 +1,6 @@
 """Image bytes -> the model's input tensor, exactly as the training side prepares an image:
-decode with Pillow, apply the EXIF orientation, convert to the model's colour mode, resize the
+decode with Pillow, apply the EXIF orientation, convert to the model's colour mode, normalize the
+ink where the metadata asks (stepnet.preprocessing, the function training uses), resize the
 shorter side (bilinear), centre-crop, scale to [0, 1], normalize with the metadata's mean and std.
 
 Runs in a thread pool (Pillow releases the GIL while decoding and resizing). Untrusted bytes are
@@ -11,17 +12,20 @@ converted copies), which return_memory_to_the_os() makes sure goes back to the O
 import ctypes
 import io
 import logging
+import math
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from service.errors import ImageTooLarge, InvalidImage, ServiceError
 from service.metadata import Preprocessing
+from stepnet.preprocessing import normalize_ink
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")    # JPEG covers MPO (phone cameras)
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 _M_MMAP_THRESHOLD = -3          # glibc's mallopt parameter
 LARGE_ALLOCATION = 4 << 20      # Pillow allocates images in blocks of up to 16 MiB
+INK_HEADROOM = 8                # the ink is found at up to 8x the resize: it may fill little of the picture
 log = logging.getLogger(__name__)
 Image.init()                    # import the decoders now, not on the first request
 Image.MAX_IMAGE_PIXELS = None   # the limit is STEPNET_MAX_IMAGE_PIXELS, checked below before decoding
@@ -64,14 +68,27 @@ class Preprocessor:
         if width < 1 or height < 1:
             raise InvalidImage(f"the image is {width}x{height}")
         if image.format in ("JPEG", "MPO"):   # the decoder scales down by up to 8x (DCT): far less work
-            factor = spec.resize / min(width, height)
+            target = spec.resize * (INK_HEADROOM if spec.ink_normalization is not None else 1)
+            factor = target / min(width, height)
             image.draft(spec.colour_mode, (max(1, round(width * factor)), max(1, round(height * factor))))
         image.load()                 # decodes; raises on truncated data
         source_format = image.format
         if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
             image = ImageOps.exif_transpose(image)
         image = _to_mode(image, spec.colour_mode, source_format)
+        if spec.ink_normalization is not None:
+            image = _normalize_ink(image, spec.resize * INK_HEADROOM, spec.ink_normalization.margin)
         return _resize_and_crop(image, spec.resize, spec.crop)
+
+
+def _normalize_ink(image: Image.Image, side: int, margin: float) -> Image.Image:
+    """normalize_ink on at most about side x side pixels: a larger image is first reduced by an
+    integer box filter (as the JPEG draft does), so that a 16 Mpx scan costs what a phone
+    thumbnail does in time and memory (normalize_ink works on float copies of its input)."""
+    factor = int(math.sqrt(image.width * image.height) // side)
+    if factor > 1:
+        image = image.reduce(factor)
+    return Image.fromarray(normalize_ink(np.asarray(image), margin))
 
 
 def _to_mode(image: Image.Image, mode: str, source_format: str | None) -> Image.Image:

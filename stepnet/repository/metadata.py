@@ -25,18 +25,26 @@ class InputSpec(_Meta):
     dtype: str
 
 
+class InkNormalization(_Meta):
+    """stepnet.preprocessing.normalize_ink, after the conversion to grayscale and before the resize."""
+    margin: float = Field(ge=0, le=1, description="around the ink's box, a fraction of its longer side")
+
+
 class Preprocessing(_Meta):
     colour_mode: Literal["L", "RGB"]
     resize: int = Field(gt=0, description="shorter side after a bilinear resize")
     crop: int = Field(gt=0, description="side of the centre crop")
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    ink_normalization: InkNormalization | None = None      # grayscale models only
 
     @model_validator(mode="after")
     def _channels(self):
         channels = 1 if self.colour_mode == "L" else 3
         if len(self.mean) != channels or len(self.std) != channels or min(self.std) <= 0:
             raise ValueError(f"colour_mode {self.colour_mode} needs {channels} mean and positive std values")
+        if self.ink_normalization is not None and self.colour_mode != "L":
+            raise ValueError("ink_normalization applies to grayscale (colour_mode L) models only")
         return self
 
 

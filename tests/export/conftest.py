@@ -19,8 +19,9 @@ from models.net import build
 FAMILIES = ("resnet", "se", "stepnet")
 
 
-def make_checkpoint(folder: Path, family: str, depth: int = 20, seed: int = 0) -> Path:
-    train_set, info = data.load("digits", "train")
+def make_checkpoint(folder: Path, family: str, depth: int = 20, seed: int = 0,
+                    ink_margin: float | None | str = "auto") -> Path:
+    train_set, info = data.load("digits", "train", ink_margin=ink_margin)
     torch.manual_seed(seed)
     model = build(family, depth, len(info.classes), info.input_size, info.in_channels)
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]

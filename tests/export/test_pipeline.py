@@ -31,6 +31,18 @@ def test_metadata_round_trip(exports):
     assert meta["verification"]["passed"] is True
     assert meta["input"] == {"name": "input", "shape": [1, 32, 32], "dtype": "float32"}
     assert meta["preprocessing"]["colour_mode"] == "L" and len(meta["classes"]) == 10
+    assert meta["preprocessing"]["ink_normalization"] == {"margin": 0.15}      # the digits' own
+
+
+def test_a_checkpoint_without_ink_normalization_exports_none(tmp_path):
+    """Trained without it (--ink-normalization off), model.json does not ask the service for it,
+    and its normalization statistics are those of the raw digits."""
+    from tests.export.conftest import make_checkpoint
+
+    ck = make_checkpoint(tmp_path / "ck", "stepnet", ink_margin=None)
+    preprocessing = read_json(pipeline.export_checkpoint(ck, tmp_path / "repository", "plain"))["preprocessing"]
+    assert preprocessing.get("ink_normalization") is None
+    assert preprocessing["mean"] == list(data.load("digits", "train", ink_margin=None)[1].mean) != [0.1908]
 
 
 def test_calibration_profile_is_present_and_sane(exports):

@@ -206,3 +206,45 @@ def encode():
 @pytest.fixture(scope="session")
 def digit_png(digits) -> bytes:
     return _encode(Image.fromarray(digits[0][0]))
+
+
+def paper_photo(digit: np.ndarray, rng: np.random.Generator, fmt: str = "JPEG") -> bytes:
+    """A white-on-black 8x8 digit as a phone photo of dark ink on paper: any size and place on
+    the page, grey paper, uneven light, sensor noise, a little blur, JPEG (or lossless PNG)."""
+    from PIL import ImageFilter
+
+    size = int(rng.integers(48, 120))
+    ink = np.asarray(Image.fromarray(digit).resize((size, size), Image.Resampling.BICUBIC), np.float32) / 255
+    side = int(rng.integers(max(size + 8, 128), 200))
+    y, x = rng.integers(0, side - size, 2)
+    mask = np.zeros((side, side), np.float32)
+    mask[y:y + size, x:x + size] = ink
+    paper, ink_level, angle = rng.uniform(150, 225), rng.uniform(20, 70), rng.uniform(0, 2 * np.pi)
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    light = 1 + rng.uniform(0.1, 0.3) * ((xx - 0.5) * np.cos(angle) + (yy - 0.5) * np.sin(angle))
+    pixels = (paper * (1 - mask) + ink_level * mask) * light + rng.normal(0, rng.uniform(2, 8), mask.shape)
+    grey = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
+    tints = rng.uniform(0.95, 1.05, 3)
+    rgb = Image.merge("RGB", [grey.point(lambda v, t=t: min(255, int(v * t))) for t in tints])
+    options = {"quality": int(rng.integers(55, 85))} if fmt == "JPEG" else {}
+    return _encode(rgb, fmt, **options)
+
+
+@pytest.fixture(scope="session")
+def written_digits():
+    """The whole test split three ways, as people would send it: (name, encoded images, labels):
+    light on dark at 64x64, dark on light at 64x64, and photos of ink on paper (seeded)."""
+    from models.data import digits_split
+
+    images, labels = digits_split("test")
+    big = [np.asarray(Image.fromarray(x).resize((64, 64), Image.Resampling.BILINEAR)) for x in images]
+    rng = np.random.default_rng(2026)
+    return [("light on dark, 64x64", [_encode(Image.fromarray(b)) for b in big], labels),
+            ("dark on light, 64x64", [_encode(Image.fromarray(255 - b)) for b in big], labels),
+            ("photos of ink on paper", [paper_photo(x, rng) for x in images], labels)]
+
+
+@pytest.fixture(scope="session")
+def photo():
+    """paper_photo(digit, rng, fmt="JPEG") -> bytes."""
+    return paper_photo

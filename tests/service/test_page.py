@@ -1,0 +1,213 @@
+"""The page at / (issue 14) in a real browser: Debian's chromium driven by Playwright, against real
+servers on loopback ports. Every test fails on a console error or an uncaught exception in the page."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from playwright.sync_api import expect
+
+from tests.service.conftest import DEFAULT_MODEL
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+WAIT_MS = 20_000
+HOSTILE = ["<script>window.pwned = 1</script>", "<img src=x onerror=\"window.pwned = 1\">"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.is_file():
+        pytest.fail(f"{CHROMIUM} is missing: `apt-get install chromium` (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield browser
+        browser.close()
+
+
+class Page:
+    """A browser tab on a server's page that records console errors and page exceptions."""
+
+    def __init__(self, browser, url: str, **context_options):
+        self.context = browser.new_context(**context_options)
+        self.tab = self.context.new_page()
+        self.errors: list[str] = []
+        self.requests: list[str] = []
+        self.expected_statuses: set[int] = set()     # the browser logs each error response it gets
+        self.tab.on("console", lambda m: m.type == "error" and not self._expected(m.text) and self.errors.append(m.text))
+        self.tab.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.tab.on("dialog", lambda d: (self.errors.append(f"dialog: {d.message}"), d.dismiss()))
+        self.tab.on("request", lambda r: self.requests.append(r.url))
+        self.tab.goto(url + "/")
+        # expect, not wait_for_function: a polled string predicate is an eval, which the CSP forbids
+        expect(self.tab.locator("#model")).to_be_enabled(timeout=WAIT_MS)
+
+    def _expected(self, text: str) -> bool:
+        logged = re.match(r"Failed to load resource: the server responded with a status of (\d+)", text)
+        return bool(logged) and int(logged[1]) in self.expected_statuses
+
+    def upload(self, name: str, data: bytes, mime: str = "image/png") -> None:
+        self.tab.set_input_files("#file", files=[{"name": name, "mimeType": mime, "buffer": data}])
+
+    def top1(self) -> str:
+        self.tab.wait_for_selector("#predictions li", timeout=WAIT_MS)
+        return self.tab.locator("#predictions li .label").first.text_content()
+
+    def error(self) -> str:
+        self.tab.wait_for_selector("#error:not([hidden])", timeout=WAIT_MS)
+        return self.tab.locator("#error").text_content()
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    opened = []
+
+    def open_page(url: str = server.url, **options) -> Page:
+        opened.append(Page(browser, url, **options))
+        return opened[-1]
+
+    yield open_page
+    for p in opened:
+        errors = p.errors
+        p.close()
+        assert errors == [], f"the page reported errors: {errors}"
+
+
+def test_page_is_served_with_a_strict_policy_and_no_inline_script(client):
+    response = client.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    policy = response.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "default-src 'none'" in policy and "unsafe-inline" not in policy
+    scripts = re.findall(r"<script([^>]*)>(.*?)</script>", response.text, re.S)
+    assert scripts and all('src="' in attrs and body.strip() == "" for attrs, body in scripts)
+    assert not re.search(r"\son[a-z]+=", response.text), "inline event handlers"
+    assert 'href="docs"' in response.text and 'href="metrics"' in response.text
+    for asset in re.findall(r'(?:src|href)="(web/[^"]+)"', response.text):
+        got = client.get("/" + asset)
+        assert got.status_code == 200 and "content-security-policy" in got.headers, asset
+    assert client.get("/web/app.js").headers["content-type"].startswith("text/javascript")
+    assert client.get("/docs").status_code == 200
+
+
+def test_unknown_assets_are_json_404s(client):
+    for path in ("/web/nope.js", "/web/..%2Fmain.py", "/web/%2e%2e%2fpyproject.toml"):
+        response = client.get(path)
+        assert response.status_code == 404, path
+        assert response.json()["error"]["code"] == "not_found"
+
+
+def test_an_unchanged_asset_is_not_sent_again(client):
+    first = client.get("/web/app.js")
+    again = client.get("/web/app.js", headers={"If-None-Match": first.headers["etag"]})
+    assert again.status_code == 304 and again.content == b""
+
+
+def test_uploading_a_digit_shows_the_prediction_and_every_layer(page, digits, encode, client):
+    images, labels = digits
+    meta = client.get("/models").json()["models"]
+    layers = next(m for m in meta if m["name"] == "stepnet-digits")["layers"]
+    p = page()
+    assert p.tab.locator("#model").input_value() == "stepnet-digits"
+    p.upload("digit.png", encode(images[0]))
+    assert p.top1() == str(labels[0])
+    rows = p.tab.locator("#layers-table tbody tr")
+    assert rows.count() == len(layers) == 9
+    assert rows.nth(0).locator("th").text_content() == layers[0]["name"]
+    assert re.fullmatch(r"0\.\d+", rows.nth(0).locator("td").nth(2).text_content())
+    # one dot per layer on the step-size chart; one per layer with a defined NSI on the other
+    assert p.tab.locator("#step-chart circle.dot").count() == 9
+    assert p.tab.locator("#nsi-chart circle.dot").count() == sum(layer["nsi_defined"] for layer in layers)
+    assert p.tab.locator("#step-chart rect.band").count() == 9
+    assert "ms in the service" in p.tab.locator("#timing").text_content()
+    origin = p.tab.url.rstrip("/")
+    left = [url for url in p.requests if not url.startswith((origin + "/", "blob:" + origin + "/"))]
+    assert left == [], "requests left the origin"
+
+
+def test_a_digit_drawn_on_the_canvas_is_classified(page):
+    p = page()
+    pad = p.tab.locator("#pad")
+    assert pad.is_visible()
+    box = pad.bounding_box()
+    # a "7": the top bar, then the diagonal down to the left
+    points = [(0.3, 0.25), (0.72, 0.25), (0.45, 0.8)]
+    p.tab.mouse.move(box["x"] + points[0][0] * box["width"], box["y"] + points[0][1] * box["height"])
+    p.tab.mouse.down()
+    for x, y in points[1:]:
+        p.tab.mouse.move(box["x"] + x * box["width"], box["y"] + y * box["height"], steps=12)
+    p.tab.mouse.up()
+    p.tab.click("#send-drawing")
+    assert p.top1() == "7"
+
+
+def test_live_panel_counts_the_traffic(page, digits, encode):
+    p = page()
+    p.upload("digit.png", encode(digits[0][1]))
+    p.top1()
+    expect(p.tab.locator("#live-count")).to_have_text(re.compile(r"^[1-9][0-9]*$"), timeout=WAIT_MS)
+    assert p.tab.locator("#live-table tbody tr").count() == 9
+    assert p.tab.locator("#stages-table tbody tr").count() == 3
+    assert p.tab.locator("#drift-chart rect.bar").count() >= 1
+
+
+def test_the_apis_message_is_shown_as_it_is(page, start_server, repository, digits, encode):
+    server = start_server(repository, max_upload_bytes=2048)
+    big = encode(np.random.default_rng(0).integers(0, 256, (64, 64), dtype="uint8"))
+    assert len(big) > 2048
+    p = page(server.url)
+    p.expected_statuses = {413, 422}
+    for name, data, status in (("big.png", big, 413), ("a.png", b"not an image", 422)):
+        with p.tab.expect_response(lambda r: "/predict" in r.url, timeout=WAIT_MS) as answer:
+            p.upload(name, data)
+        body = answer.value.json()["error"]
+        assert answer.value.status == status
+        expect(p.tab.locator("#error")).to_have_text(f"{status} {body['code']}: {body['message']}", timeout=WAIT_MS)
+    # a success clears the message
+    p.upload("digit.png", encode(digits[0][0]))
+    p.top1()
+    assert p.tab.locator("#error").is_hidden()
+
+
+def test_class_names_are_rendered_as_text(page, start_server, tmp_path, digits, encode):
+    images, labels = digits
+    root = tmp_path / "hostile"
+    shutil.copytree(DEFAULT_MODEL, root / "hostile" / "1")
+    meta_path = root / "hostile" / "1" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["name"] = "hostile"
+    meta["classes"] = [HOSTILE[i % 2] + str(i) for i in range(10)]
+    meta_path.write_text(json.dumps(meta))
+    server = start_server(root)
+    p = page(server.url)
+    p.upload("digit.png", encode(images[0]))
+    assert p.top1() == meta["classes"][labels[0]]
+    assert p.tab.evaluate("window.pwned") is None
+    assert p.tab.locator("#predictions script, #predictions img").count() == 0
+
+
+def test_usable_at_phone_width_and_by_keyboard(page, digits, encode):
+    p = page(viewport={"width": 360, "height": 740}, has_touch=True, is_mobile=True)
+    assert p.tab.evaluate("document.documentElement.scrollWidth") <= 360
+    unlabelled = p.tab.evaluate("""[...document.querySelectorAll('input, select, button, canvas, textarea')]
+        .filter(e => !(e.labels && e.labels.length) && !e.textContent.trim() && !e.getAttribute('aria-label')
+                     && !(e.getAttribute('aria-labelledby') && document.getElementById(e.getAttribute('aria-labelledby'))))
+        .map(e => e.id)""")
+    assert unlabelled == []
+    focused = []
+    for _ in range(12):
+        p.tab.keyboard.press("Tab")
+        focused.append(p.tab.evaluate("document.activeElement.id || document.activeElement.tagName"))
+    for control in ("model", "top-k", "file", "send-drawing", "clear-drawing", "live-on"):
+        assert control in focused, (control, focused)
+    p.upload("digit.png", encode(digits[0][0]))
+    p.top1()
+    assert p.tab.evaluate("document.documentElement.scrollWidth") <= 360
