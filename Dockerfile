@@ -3,7 +3,7 @@
 # and serving is the model repository alone (DESIGN 2). Deploying it: docs/deploy.md.
 #
 #   docker build -t stepnet .
-#   docker run --gpus all -p 8000:8000 stepnet                        # the baked-in default model
+#   docker run --gpus all -p 8000:8000 -p 8001:8001 stepnet           # the baked-in default model (REST, gRPC)
 #   docker run --gpus all -p 8000:8000 -v "$PWD/my_repo:/models:ro" stepnet   # your own repository
 
 ARG BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm
@@ -64,10 +64,11 @@ ENV ORT_DISABLE_TELEMETRY=1 \
     STEPNET_MODEL_REPOSITORY=/models \
     STEPNET_DEVICE=auto \
     STEPNET_HOST=0.0.0.0 \
-    STEPNET_PORT=8000
+    STEPNET_PORT=8000 \
+    STEPNET_GRPC_PORT=8001
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python3", "-c", "import os, sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('STEPNET_PORT', '8000'), timeout=4).status != 200)"]
 ENTRYPOINT ["stepnet"]

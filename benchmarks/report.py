@@ -112,6 +112,21 @@ def _diagnostics(diagnostics: dict) -> list[str]:
                       "nodes (inlined) with / without"], rows))
 
 
+def _transports(svc: dict) -> list[str]:
+    """REST multipart, REST v2 binary and gRPC on the same images, one per request."""
+    if not svc.get("transports"):
+        return []
+    rows = []
+    for c, rest in svc["load"].items():
+        others = [svc["transports"][t][c] for t in ("rest_v2_binary", "grpc")]
+        rows.append([c] + [f"{r['throughput']:.1f} ({r['throughput_vs_raw']:.2f})" for r in (rest, *others)]
+                    + [f"{others[1]['throughput'] / rest['throughput']:.2f}", str(sum(r["errors"] for r in others))])
+    return (["", "Transports, the same images one per request: req/s (and service / raw); "
+                 f"{svc['settings'].get('transports', '')}.", ""]
+            + _table(["concurrency", "REST multipart", "REST v2 binary", "gRPC", "gRPC / REST multipart",
+                      "errors (v2, gRPC)"], rows))
+
+
 def _service_level(name: str, svc: dict) -> list[str]:
     """Per concurrency: the served figures against raw session.run, and the server's own timing."""
     raw = svc["raw"]
@@ -138,6 +153,7 @@ def _service_level(name: str, svc: dict) -> list[str]:
                       "mean batch", "server timing p50 ms"], rows)
             + ["", "Raw figures are measured just before each load level, the server idle; "
                    "server timing is what the service reports in each response (`timing_ms`)."]
+            + _transports(svc)
             + ["", f"Raw session.run batch 1: p50 {_ms(raw['batches']['1']['p50_ms'])} ms, "
                    f"p95 {_ms(raw['batches']['1']['p95_ms'])} ms."])
 

@@ -9,6 +9,7 @@ the server starts, so that the two never share the cores.
 
 import asyncio
 import io
+import json
 import logging
 import os
 import shutil
@@ -148,8 +149,9 @@ class Server:
 
     def __init__(self, repository: Path, log_path: Path, env: dict | None = None,
                  uvicorn: str | None = None):
-        self.port = _free_port()
+        self.port, self.grpc_port = _free_port(), _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.log_file = open(log_path, "wb")
         address = ["--host", "127.0.0.1", "--port", str(self.port)]
         command = ([sys.executable, "-m", "uvicorn", "service.main:app", "--http", uvicorn, "--loop",
@@ -158,7 +160,8 @@ class Server:
                     *address])
         self.process = subprocess.Popen(
             command, stdout=self.log_file, stderr=subprocess.STDOUT,
-            env={**os.environ, "STEPNET_MODEL_REPOSITORY": str(repository), **(env or {})})
+            env={**os.environ, "STEPNET_MODEL_REPOSITORY": str(repository),
+                 "STEPNET_GRPC_PORT": str(self.grpc_port), **(env or {})})
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
@@ -185,20 +188,30 @@ class Server:
         self.log_file.close()
 
 
-async def _load(url: str, uploads: list, concurrency: int, seconds: float, min_requests: int,
-                max_requests: int) -> dict:
-    """Closed-loop load: `concurrency` clients, each sending its next request when the last one
-    is answered, until `seconds` have passed and at least `min_requests` were sent."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        async def post(i):
-            name, body, kind = uploads[i % len(uploads)]
-            t0 = time.perf_counter()
-            response = await client.post("/predict", files={"file": (name, body, kind)})
-            return time.perf_counter() - t0, response
+TRANSPORTS = ("rest_v2_binary", "grpc")   # beside REST multipart /predict (result["load"])
 
-        await asyncio.gather(*(post(i) for i in range(concurrency)))     # warm-up, not counted
-        latencies, errors, sent, timing = [], 0, 0, []
+
+async def _load(url: str, uploads: list, concurrency: int, seconds: float, min_requests: int,
+                max_requests: int, transport: str = "rest", grpc_target: str | None = None,
+                model: str | None = None) -> dict:
+    """Closed-loop load: `concurrency` clients, each sending its next request when the last one
+    is answered, until `seconds` have passed and at least `min_requests` were sent. transport:
+    "rest" (multipart /predict), "rest_v2_binary" (the v2 infer route, BYTES as binary data) or
+    "grpc" (tritonclient.grpc.aio ModelInfer, BYTES): the same images, one per request."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client, \
+            _grpc_client(grpc_target if transport == "grpc" else None) as grpc_client:
+        send = {"rest": lambda i: _post_predict(client, uploads[i % len(uploads)]),
+                "rest_v2_binary": lambda i: _post_v2(client, model, uploads[i % len(uploads)]),
+                "grpc": lambda i: _grpc_infer(grpc_client, model, uploads[i % len(uploads)])}[transport]
+
+        async def timed(i):
+            t0 = time.perf_counter()
+            ok, timing = await send(i)
+            return time.perf_counter() - t0, ok, timing
+
+        await asyncio.gather(*(timed(i) for i in range(concurrency)))     # warm-up, not counted
+        latencies, errors, sent, timings = [], 0, 0, []
         started = time.perf_counter()
 
         async def worker():
@@ -206,10 +219,11 @@ async def _load(url: str, uploads: list, concurrency: int, seconds: float, min_r
             while sent < max_requests and (sent < min_requests
                                            or time.perf_counter() - started < seconds):
                 i, sent = sent, sent + 1
-                latency, response = await post(i)
-                if response.status_code == 200:
+                latency, ok, timing = await timed(i)
+                if ok:
                     latencies.append(latency)
-                    timing.append(response.json()["timing_ms"])
+                    if timing is not None:
+                        timings.append(timing)
                 else:
                     errors += 1
 
@@ -218,10 +232,60 @@ async def _load(url: str, uploads: list, concurrency: int, seconds: float, min_r
     result = stats(latencies) if latencies else {}
     result.update({"requests": len(latencies), "errors": errors, "seconds": elapsed,
                    "throughput": len(latencies) / elapsed})
-    if timing:    # the service's own account of each request (PredictResponse.timing_ms)
-        result["server_timing_p50_ms"] = {k: float(np.median([t[k] for t in timing]))
-                                          for k in timing[0]}
+    if timings:    # the service's own account of each request (PredictResponse.timing_ms)
+        result["server_timing_p50_ms"] = {k: float(np.median([t[k] for t in timings]))
+                                          for k in timings[0]}
     return result
+
+
+async def _post_predict(client: httpx.AsyncClient, upload) -> tuple[bool, dict | None]:
+    name, body, kind = upload
+    response = await client.post("/predict", files={"file": (name, body, kind)})
+    return response.status_code == 200, response.json()["timing_ms"] if response.status_code == 200 else None
+
+
+async def _post_v2(client: httpx.AsyncClient, model: str, upload) -> tuple[bool, None]:
+    """The v2 REST route with the image as binary BYTES data and binary outputs, as
+    tritonclient.http sends it."""
+    _, body, _ = upload
+    blob = len(body).to_bytes(4, "little") + body
+    header = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                     "parameters": {"binary_data_size": len(blob)}}],
+                         "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}).encode()
+    response = await client.post(f"/v2/models/{model}/infer", content=header + blob,
+                                 headers={"Inference-Header-Content-Length": str(len(header))})
+    return response.status_code == 200, None
+
+
+async def _grpc_infer(client, model: str, upload) -> tuple[bool, None]:
+    import tritonclient.grpc.aio as triton_aio
+    from tritonclient.utils import InferenceServerException
+
+    tensor = triton_aio.InferInput("image", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([upload[1]], dtype=object))
+    try:
+        await client.infer(model, [tensor], outputs=[triton_aio.InferRequestedOutput("probabilities")])
+    except InferenceServerException:
+        return False, None
+    return True, None
+
+
+class _grpc_client:
+    """tritonclient.grpc.aio's client for the load, or nothing for the HTTP transports."""
+
+    def __init__(self, target: str | None):
+        self.target, self.client = target, None
+
+    async def __aenter__(self):
+        if self.target is not None:
+            import tritonclient.grpc.aio as triton_aio
+
+            self.client = triton_aio.InferenceServerClient(self.target)
+        return self.client
+
+    async def __aexit__(self, *exc):
+        if self.client is not None:
+            await self.client.close()
 
 
 def service_level(name: str, version: Path, concurrencies: tuple[int, ...], seconds: float,
@@ -235,6 +299,8 @@ def service_level(name: str, version: Path, concurrencies: tuple[int, ...], seco
     result = {"uploads": {n: len(b) for n, b, _ in uploads},
               "raw": {"preprocess": baseline.preprocess(raw_budget), "batches": {}}, "load": {}}
     server = Server(version.parent.parent, work / f"serve-{name}.log")
+    model = read_metadata(version).name
+    result["transports"] = {t: {} for t in TRANSPORTS}
     try:
         server.wait_ready()
         if 1 not in concurrencies:
@@ -252,6 +318,13 @@ def service_level(name: str, version: Path, concurrencies: tuple[int, ...], seco
             log.info("%s service concurrency %d: %.2f req/s, p50 %.1f ms (%d requests, %d errors)",
                      name, c, row["throughput"], row.get("p50_ms", float("nan")), row["requests"],
                      row["errors"])
+            for transport in TRANSPORTS:
+                other = result["transports"][transport][str(c)] = asyncio.run(_load(
+                    server.url, uploads, c, seconds, max(min_requests, 2 * c), max_requests,
+                    transport, server.grpc_target, model))
+                other["raw_batch"] = batch
+                log.info("%s %s concurrency %d: %.2f req/s (%d errors)", name, transport, c,
+                         other["throughput"], other["errors"])
     finally:
         server.stop()
     raw_b1 = result["raw"]["batches"]["1"]
@@ -261,7 +334,12 @@ def service_level(name: str, version: Path, concurrencies: tuple[int, ...], seco
         row["throughput_vs_raw"] = row["throughput"] / result["raw"]["batches"][batch]["throughput"]
         if "p50_ms" in row:
             row["p50_minus_raw_p50_ms"] = row["p50_ms"] - raw_b1["p50_ms"]
+    for rows in result["transports"].values():
+        for row in rows.values():
+            row["throughput_vs_raw"] = row["throughput"] / result["raw"]["batches"][str(row["raw_batch"])]["throughput"]
     result["settings"] = {"max_batch_size": MAX_BATCH_SIZE, "server": "stepnet serve, default "
                           "settings (STEPNET_* unset)", "client": "httpx.AsyncClient, closed loop, "
-                          "multipart uploads, JPEG and PNG in turn"}
+                          "multipart uploads, JPEG and PNG in turn", "transports": "the same images, "
+                          "one per request: REST v2 binary BYTES (httpx) and gRPC ModelInfer BYTES "
+                          "(tritonclient.grpc.aio)"}
     return result

@@ -25,6 +25,7 @@ CPU_COMPOSE=deploy/docker-compose.cpu.yml
 PY=/usr/bin/python3                     # Debian's python3, not a venv's: stdlib and python3-yaml only
 SKIPPED=()
 CONTAINERS=()
+declare -A GRPC_PORT_FOR=()     # container name -> its STEPNET_GRPC_PORT (0: off)
 COMPOSE_UP=0
 
 log() { printf '[container-test %4ds] %s\n' $((SECONDS - T0)) "$*" >&2; }
@@ -138,8 +139,34 @@ start() {
     # No systemd here to time the HEALTHCHECK: `podman healthcheck run` runs it once, below.
     # Podman still complains on stderr that it has no systemd; kept out of sight unless run fails.
     pm 120 run -d --name "$name" --network host --health-interval disable \
-        -e STEPNET_HOST=127.0.0.1 -e STEPNET_PORT="$port" "$@" "$IMAGE" >/dev/null 2>"$WORK/run-$name.log" \
+        -e STEPNET_HOST=127.0.0.1 -e STEPNET_PORT="$port" -e STEPNET_GRPC_PORT="${GRPC_PORT_FOR[$name]:-0}" \
+        "$@" "$IMAGE" >/dev/null 2>"$WORK/run-$name.log" \
         || { cat "$WORK/run-$name.log" >&2; die "podman run $name"; }
+}
+
+# grpc_infer NAME TARGET: ModelInfer with tritonclient.grpc from inside the container (the image's
+# own Python has it), an encoded image and an FP32 tensor
+grpc_infer() {
+    pm 60 exec "$1" python3 -c '
+import io, sys
+import numpy as np
+import tritonclient.grpc as triton
+from PIL import Image
+client = triton.InferenceServerClient(sys.argv[1])
+assert client.is_server_ready() and client.is_model_ready("stepnet-digits")
+digit = np.zeros((32, 32), np.uint8)
+digit[4:28, 14:18] = 255                                   # a "1", white on black
+png = io.BytesIO()
+Image.fromarray(digit).save(png, "PNG")
+image = triton.InferInput("image", [1], "BYTES")
+image.set_data_from_numpy(np.array([png.getvalue()], dtype=object))
+top = int(client.infer("stepnet-digits", [image]).as_numpy("probabilities").argmax())
+tensor = triton.InferInput("input", [2, 1, 32, 32], "FP32")
+tensor.set_data_from_numpy(np.zeros((2, 1, 32, 32), np.float32))
+assert client.infer("stepnet-digits", [tensor]).as_numpy("logits").shape == (2, 10)
+assert top == 1, top
+print(f"  gRPC ModelInfer on {sys.argv[1]}: image -> {top}, FP32 [2, 1, 32, 32] -> logits [2, 10]")
+' "$2"
 }
 
 running() { [[ $(pm 30 inspect --format '{{.State.Running}}' "$1") == true ]]; }
@@ -164,11 +191,13 @@ check_image() {
     port=$(free_port)
     url=http://127.0.0.1:$port
     started=$SECONDS
-    log "running $IMAGE with its baked-in model (STEPNET_DEVICE=auto, no GPU here) on port $port"
+    GRPC_PORT_FOR[$name]=$(free_port)
+    log "running $IMAGE with its baked-in model (STEPNET_DEVICE=auto, no GPU here) on port $port, gRPC on ${GRPC_PORT_FOR[$name]}"
     start "$name" "$port"
     wait_ready "$name" "$url" 120
     log "ready after $((SECONDS - started)) s; checking the API"
     $PY deploy/container_checks.py service "$url" deploy/testdata || die "the API checks"
+    grpc_infer "$name" "127.0.0.1:${GRPC_PORT_FOR[$name]}" || die "gRPC inference against the image"
 
     uid=$(pm 30 exec "$name" id -u)
     [[ $uid != 0 ]] || die "the service runs as root inside the container"
@@ -280,8 +309,8 @@ bring_up_cpu_stack() {
         skip "Grafana: no $grafana image here (no registry; Grafana is in no Debian, PyPI or npm package), so the stack runs without it; its provisioning was checked statically and every dashboard query is evaluated in Prometheus instead"
     fi
     ensure_prometheus_image
-    HTTP_PORT=$(free_port) PROMETHEUS_PORT=$(free_port) GRAFANA_PORT=$(free_port)
-    export HTTP_PORT PROMETHEUS_PORT GRAFANA_PORT
+    HTTP_PORT=$(free_port) GRPC_PORT=$(free_port) PROMETHEUS_PORT=$(free_port) GRAFANA_PORT=$(free_port)
+    export HTTP_PORT GRPC_PORT PROMETHEUS_PORT GRAFANA_PORT
     log "podman-compose up -d ${services[*]}: the CPU stack as project $PROJECT (service on port $HTTP_PORT, Prometheus on $PROMETHEUS_PORT)"
     COMPOSE_UP=1
     bounded 300 podman-compose -p "$PROJECT" -f "$CPU_COMPOSE" up -d "${services[@]}" >"$WORK/compose.log" 2>&1 \

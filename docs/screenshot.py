@@ -36,6 +36,7 @@ def serve() -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("STEPNET_")}
+    env["STEPNET_GRPC_PORT"] = "0"
     proc = subprocess.Popen([sys.executable, "-m", "stepnet.cli", "serve", "--model-repository",
                              str(ROOT / "model_repository"), "--host", "127.0.0.1", "--port", str(port)],
                             env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.errors import InferenceFailed, Overloaded, ShuttingDown
-from service.metrics import ModelMetrics
+from service.metrics import PROTOCOL, ModelMetrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,10 +34,11 @@ class BatchResult:
 
 
 class _Item:
-    __slots__ = ("x", "future", "enqueued", "dispatched")
+    __slots__ = ("x", "future", "enqueued", "dispatched", "protocol")
 
     def __init__(self, x: np.ndarray, future: asyncio.Future):
         self.x, self.future, self.enqueued, self.dispatched = x, future, time.perf_counter(), False
+        self.protocol = PROTOCOL.get()           # the request's transport, for the batch metrics
 
 
 class Slot:
@@ -157,7 +158,7 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_result(BatchResult(tuple(out[i] for out in outputs),
                                                        started - item.enqueued, inference_s, len(items)))
-            self._metrics.batch_size.observe(len(items))
+            self._metrics.observe_batch([item.protocol for item in items])
             self._metrics.inference_seconds.observe(inference_s)
 
     def _run_batch(self, items: list[_Item]) -> tuple[Sequence[np.ndarray], float]:

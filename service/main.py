@@ -50,10 +50,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.repository = repository
         loading = asyncio.create_task(_load(repository, metrics, settings.repository_poll_s),
                                       name="load-models")
+        grpc_server = None
+        if settings.grpc_port:
+            from service.protocol.grpc_server import GrpcServer
+
+            grpc_server = app.state.grpc = GrpcServer(repository, settings, metrics)
+            await grpc_server.start()
         try:
             yield
         finally:
             loading.cancel()
+            if grpc_server is not None:     # already stopping since SIGTERM under `stepnet serve`
+                await grpc_server.stop()
             await repository.close(settings.shutdown_timeout_s)
 
     app = FastAPI(title="StepNet inference service", description=DESCRIPTION, version="1",
@@ -109,11 +117,21 @@ def serve(settings: Settings) -> None:
 
     app = create_app(settings)
     limits = ConnectionLimits(settings.max_header_bytes, settings.header_timeout_s, settings.max_connections)
-    uvicorn.run(app, host=settings.host, port=settings.port,
-                http=guarded_protocol(limits, app.state.metrics), loop="uvloop",
-                ws="none",                      # no WebSocket routes: upgrade requests are not taken
-                log_level=settings.log_level, access_log=settings.access_log,
-                timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s))
+    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+                            http=guarded_protocol(limits, app.state.metrics), loop="uvloop",
+                            ws="none",          # no WebSocket routes: upgrade requests are not taken
+                            log_level=settings.log_level, access_log=settings.access_log,
+                            timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s))
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            """SIGTERM and SIGINT: the gRPC server stops accepting at once, as uvicorn does."""
+            grpc_server = getattr(app.state, "grpc", None)
+            if grpc_server is not None:
+                grpc_server.stop_soon()
+            super().handle_exit(sig, frame)
+
+    Server(config).run()
 
 
 app = create_app()

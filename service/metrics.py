@@ -4,6 +4,7 @@ Request-path metrics are observed where they happen; everything that is a readin
 (queue depth, the live stiffness statistics, GPU memory) is computed only when scraped.
 """
 
+import contextvars
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -14,6 +15,9 @@ from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+PROTOCOLS = ("rest", "grpc")
+# the transport of the request being served: set by the gRPC servicer, read where rows join a batch
+PROTOCOL: contextvars.ContextVar[str] = contextvars.ContextVar("protocol", default="rest")
 
 
 @dataclass(frozen=True)
@@ -23,18 +27,31 @@ class ModelMetrics:
     preprocess_seconds: Histogram
     inference_seconds: Histogram
     batch_size: Histogram
+    batch_rows: dict[str, Counter]      # by protocol
+    mixed_batches: Counter
+
+    def observe_batch(self, protocols: list[str]) -> None:
+        """One batch, given the protocol of each of its rows."""
+        self.batch_size.observe(len(protocols))
+        for protocol in set(protocols):
+            self.batch_rows[protocol].inc(protocols.count(protocol))
+        if len(set(protocols)) > 1:
+            self.mixed_batches.inc()
 
 
 class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         reg = self.registry
-        self.requests = Counter("stepnet_requests", "HTTP requests by endpoint and status",
-                                ["endpoint", "status"], registry=reg)
+        self.requests = Counter("stepnet_requests", "Requests by endpoint (REST: the route's path; "
+                                "gRPC: the RPC), status (HTTP, or the HTTP equivalent of the gRPC "
+                                "status) and protocol (rest, grpc)",
+                                ["endpoint", "status", "protocol"], registry=reg)
         self.request_seconds = Histogram("stepnet_request_duration_seconds",
-                                         "End-to-end HTTP request time in the server",
-                                         ["endpoint"], buckets=LATENCY_BUCKETS, registry=reg)
-        self.in_flight = Gauge("stepnet_requests_in_flight", "HTTP requests being served", registry=reg)
+                                         "End-to-end request time in the server",
+                                         ["endpoint", "protocol"], buckets=LATENCY_BUCKETS, registry=reg)
+        self.in_flight = Gauge("stepnet_requests_in_flight", "Requests being served (REST and gRPC)",
+                               registry=reg)
         self.connections = Gauge("stepnet_http_connections", "Open HTTP connections", registry=reg)
         self.connections_refused = Counter(
             "stepnet_connections_refused", "HTTP connections closed by a limit before a request was "
@@ -56,11 +73,21 @@ class Metrics:
                                     model, buckets=LATENCY_BUCKETS, registry=reg)
         self._batch = Histogram("stepnet_batch_size", "Requests per batch", model,
                                 buckets=BATCH_BUCKETS, registry=reg)
+        self._batch_rows = Counter("stepnet_batch_rows", "Rows run in batches, by the protocol of "
+                                   "their request", [*model, "protocol"], registry=reg)
+        self._mixed = Counter("stepnet_mixed_protocol_batches", "Batches that held rows of REST and "
+                              "gRPC requests together", model, registry=reg)
 
     def for_model(self, name: str, version: int) -> ModelMetrics:
         labels = (name, str(version))
         return ModelMetrics(self._queue.labels(*labels), self._preprocess.labels(*labels),
-                            self._inference.labels(*labels), self._batch.labels(*labels))
+                            self._inference.labels(*labels), self._batch.labels(*labels),
+                            {p: self._batch_rows.labels(*labels, p) for p in PROTOCOLS},
+                            self._mixed.labels(*labels))
+
+    def observe_request(self, endpoint: str, status: int, seconds: float, protocol: str) -> None:
+        self.requests.labels(endpoint, str(status), protocol).inc()
+        self.request_seconds.labels(endpoint, protocol).observe(seconds)
 
     def watch(self, collector: Collector) -> None:
         self.registry.register(collector)
@@ -152,5 +179,4 @@ class RequestMetricsMiddleware:
             self.metrics.in_flight.dec()
             route = scope.get("route")
             endpoint = getattr(route, "path", "unmatched")
-            self.metrics.requests.labels(endpoint, str(status)).inc()
-            self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
+            self.metrics.observe_request(endpoint, status, time.perf_counter() - started, "rest")

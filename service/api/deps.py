@@ -82,12 +82,18 @@ VersionedDep = Annotated[ServedModel, Depends(get_version)]           # /v2/mode
 async def require_admin(settings: SettingsDep, authorization: Annotated[str | None, Header(
         description="Bearer <STEPNET_ADMIN_KEY>")] = None) -> None:
     """Repository control: only with `Authorization: Bearer <STEPNET_ADMIN_KEY>`; off without a key."""
+    check_admin(settings, authorization)
+
+
+def check_admin(settings: Settings, authorization: str | None) -> None:
+    """The admin key check of every transport (REST's header, gRPC's `authorization` metadata)."""
     key = settings.admin_key.get_secret_value() if settings.admin_key is not None else ""
     if not key:
         raise AdminDisabled("repository control is off: the server has no STEPNET_ADMIN_KEY")
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise Unauthorized("repository control needs the header 'Authorization: Bearer <STEPNET_ADMIN_KEY>'")
+        raise Unauthorized("repository control needs 'Authorization: Bearer <STEPNET_ADMIN_KEY>' "
+                           "(REST: a header; gRPC: metadata)")
 
 
 class Deadline:

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
                             "(falls back to model.onnx where the variant is missing)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(8001, ge=0, le=65535, description="Open Inference Protocol over gRPC, on "
+                                                            "STEPNET_HOST as well; 0: off")
+    grpc_max_message_bytes: int | None = Field(
+        None, ge=1, description="largest gRPC message received (RESOURCE_EXHAUSTED beyond); default: "
+                                "STEPNET_MAX_UPLOAD_BYTES")
 
     max_batch_size: int = Field(8, ge=1, le=1024, description="largest batch the batcher forms")
     max_queue_delay_ms: float = Field(

@@ -34,6 +34,7 @@ from service.postprocess import softmax
 from service.protocol.schemas import InferRequest, ModelMetadataResponse, RequestInput, TensorMetadata
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
 IMAGE_INPUT = "image"
 OUTPUTS = ("logits", "probabilities", "step_size", "nsi")
 PLATFORM = "onnxruntime_onnx"
@@ -66,11 +67,31 @@ def decode_request(body: bytes, header_length: str | None, meta: ModelMetadata, 
     try:       # pydantic's JSON parser bounds the nesting depth (json.loads recurses until it fails)
         request = InferRequest.model_validate_json(text)
     except ValueError as exc:          # JSON, UTF-8, depth and pydantic errors
-        raise BadRequest(f"invalid inference request: {_reason(exc)}") from None
+        raise BadRequest(f"invalid inference request: {reason(exc)}") from None
+    _one_input(request, meta)
+    _no_shared_memory(request)
+    return decode_inputs(request, _binary_inputs(request.inputs, binary), meta, max_rows)
+
+
+def _one_input(request: InferRequest, meta: ModelMetadata) -> None:
     if len(request.inputs) != 1:
         raise BadRequest(f"send exactly one input ({meta.input.name} or {IMAGE_INPUT}); got "
                          f"{len(request.inputs)}")
-    tensor, blob = request.inputs[0], _binary_inputs(request.inputs, binary)[0]
+
+
+def _no_shared_memory(request: InferRequest) -> None:
+    if any("shared_memory_region" in tensor.parameters for tensor in request.inputs):
+        raise BadRequest("shared memory is not supported: send the tensor as data or binary data")
+
+
+def decode_inputs(request: InferRequest, blobs: list[bytes | None], meta: ModelMetadata,
+                  max_rows: int) -> Decoded:
+    """A parsed request and each input's bytes (binary data; None where it sent JSON data) -> the
+    model input. The transports differ only in how they carry the bytes (REST's body, gRPC's
+    raw_input_contents or contents)."""
+    _one_input(request, meta)
+    _no_shared_memory(request)
+    tensor, blob = request.inputs[0], blobs[0]
     if tensor.name == meta.input.name:
         return Decoded(request, _fp32(tensor, blob, meta, max_rows), None, _outputs(request))
     if tensor.name == IMAGE_INPUT:
@@ -80,7 +101,7 @@ def decode_request(body: bytes, header_length: str | None, meta: ModelMetadata, 
                      f"[B, {c}, {h}, {w}]) or {IMAGE_INPUT} (BYTES [B], encoded images)")
 
 
-def _reason(exc: ValueError) -> str:
+def reason(exc: ValueError) -> str:
     if isinstance(exc, ValidationError):
         return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()[:3])
     return str(exc)
@@ -102,8 +123,6 @@ def _binary_inputs(inputs: list[RequestInput], binary: bytes) -> list[bytes | No
     """Each input's binary data (None where it sent JSON data), cut from what follows the JSON."""
     blobs, offset = [], 0
     for tensor in inputs:
-        if "shared_memory_region" in tensor.parameters:
-            raise BadRequest("shared memory is not supported: send the tensor as data or binary data")
         size = tensor.parameters.get("binary_data_size")
         if size is None:
             blobs.append(None)
@@ -241,19 +260,23 @@ def _outputs(request: InferRequest) -> list[tuple[str, bool]]:
 
 # ---------------------------------------------------------------- responses
 
-def encode_response(decoded: Decoded, meta: ModelMetadata, results: list[BatchResult]) -> tuple[bytes, dict[str, str]]:
-    """-> the body and its headers: JSON alone, or the JSON header and then the binary outputs."""
+def output_tensors(decoded: Decoded, results: list[BatchResult]) -> list[tuple[str, np.ndarray, bool]]:
+    """(name, FP32 array, as binary data) of each output asked for, in the order asked."""
     logits = np.stack([r.outputs[0] for r in results]).astype(np.float32)          # (B, K)
     tensors = {"logits": lambda: logits,
                "probabilities": lambda: softmax(logits).astype(np.float32),     # (B, K)
                "step_size": lambda: np.stack([r.outputs[1] for r in results]).astype(np.float32),  # (B, L, 3)
                "nsi": lambda: np.stack([r.outputs[2] for r in results]).astype(np.float32)}        # (B, L)
+    return [(name, tensors[name](), binary) for name, binary in decoded.outputs]
+
+
+def encode_response(decoded: Decoded, meta: ModelMetadata, results: list[BatchResult]) -> tuple[bytes, dict[str, str]]:
+    """-> the body and its headers: JSON alone, or the JSON header and then the binary outputs."""
     header: dict = {"model_name": meta.name, "model_version": str(meta.version)}
     if decoded.request.id is not None:
         header["id"] = decoded.request.id
     outputs, chunks = [], []
-    for name, binary in decoded.outputs:
-        array = tensors[name]()
+    for name, array, binary in output_tensors(decoded, results):
         entry = {"name": name, "datatype": "FP32", "shape": list(array.shape)}
         if binary:
             raw = array.astype("<f4", copy=False).tobytes()

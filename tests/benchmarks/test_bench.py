@@ -55,6 +55,13 @@ def test_diagnostics_and_service_parts(quick_run):
         raw = service["raw"]["batches"][str(load["raw_batch"])]
         assert load["throughput_vs_raw"] == pytest.approx(load["throughput"] / raw["throughput"])
     assert {"jpeg", "png"} <= set(service["raw"]["preprocess"])
+    assert set(service["transports"]) == {"rest_v2_binary", "grpc"}
+    for transport, rows in service["transports"].items():
+        assert set(rows) == {"1", "4"}
+        for c, load in rows.items():
+            assert load["errors"] == 0 and load["requests"] >= 8, (transport, c)
+            raw = service["raw"]["batches"][str(load["raw_batch"])]
+            assert load["throughput_vs_raw"] == pytest.approx(load["throughput"] / raw["throughput"])
 
 
 def test_http_layer_part(quick_run):

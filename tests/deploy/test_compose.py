@@ -42,3 +42,13 @@ def test_grafana_and_prometheus_listen_on_loopback_by_default(file):
         assert services[name]["ports"] == [f"127.0.0.1:{port}:{port}/tcp"], name
     opened = yaml.safe_load(render(file, GRAFANA_ADMIN_PASSWORD="x", GRAFANA_ADDRESS="0.0.0.0").stdout)
     assert opened["services"]["grafana"]["ports"] == ["0.0.0.0:3000:3000/tcp"]
+
+
+@pytest.mark.parametrize("file", FILES)
+def test_the_service_publishes_rest_and_grpc(file):
+    def published(env: dict) -> set[tuple[int, int]]:
+        services = yaml.safe_load(render(file, GRAFANA_ADMIN_PASSWORD="x", **env).stdout)["services"]
+        return {(int(p["published"]), int(p["target"])) for p in services["stepnet"]["ports"]}
+
+    assert published({}) == {(8000, 8000), (8001, 8001)}
+    assert published({"GRPC_PORT": "9101"}) == {(8000, 8000), (9101, 8001)}

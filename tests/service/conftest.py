@@ -40,7 +40,10 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("STEPNET_")}
-        env.update({"STEPNET_MODEL_REPOSITORY": str(repository), **settings})
+        env.update({"STEPNET_MODEL_REPOSITORY": str(repository), "STEPNET_GRPC_PORT": str(free_port()),
+                    **settings})
+        self.grpc_port = int(env["STEPNET_GRPC_PORT"])
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         if cli:
             cmd = [sys.executable, "-m", "stepnet.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         else:

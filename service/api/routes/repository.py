@@ -2,7 +2,6 @@
 and loading and unloading models. Load and unload need `Authorization: Bearer <STEPNET_ADMIN_KEY>`
 and are off (403) when no key is configured."""
 
-import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -13,15 +12,11 @@ from service.api.upload import check_media_type, read_body
 from service.errors import (AdminDisabled, BadRequest, BodyTimeout, ModelLoadError, ModelNotFound,
                             NotReady, PayloadTooLarge, Unauthorized, UnsupportedMediaType,
                             VersionNotFound, protocol_error_responses)
+from service.protocol.repository import index_entries, load_model, unload_model
 from service.protocol.schemas import IndexEntry, IndexRequest, RepositoryRequest, inline_schema
-from service.repository import Repository
-from stepnet.repository import VersionState, parse_version
 
 router = APIRouter(tags=["open inference protocol (v2)"])
 
-# the protocol's names; it has one for every state that does not serve
-STATES = {VersionState.READY: "READY", VersionState.LOADING: "LOADING", VersionState.UNLOADING: "UNLOADING",
-          VersionState.FAILED: "UNAVAILABLE", VersionState.UNLOADED: "UNAVAILABLE"}
 ADMIN_ERRORS = protocol_error_responses(BadRequest, ModelLoadError, Unauthorized, AdminDisabled,
                                         ModelNotFound, VersionNotFound, PayloadTooLarge,
                                         UnsupportedMediaType, BodyTimeout, NotReady)
@@ -55,12 +50,6 @@ def _parameters(value: dict[str, Any]) -> dict[str, Any]:
     return parameters
 
 
-async def _entries(repository: Repository, name: str | None = None) -> list[IndexEntry]:
-    return [IndexEntry(name=s.name, version=str(s.version), state=STATES[s.state],
-                       reason="" if s.state is VersionState.READY else s.error or "")
-            for s in await repository.index() if name is None or s.name == name]
-
-
 # one route for both methods, so that a 405 lists them both in Allow
 @router.api_route("/v2/repository/index", methods=["GET", "POST"], response_model=list[IndexEntry],
                   openapi_extra=_body_schema(IndexRequest), responses=INDEX_ERRORS)
@@ -70,7 +59,7 @@ async def index(request: Request, repository: RepositoryDep, settings: SettingsD
         only_ready = IndexRequest.model_validate(await _json_body(request, settings.max_upload_bytes)).ready
     except ValueError as exc:
         raise BadRequest(f"invalid index request: {exc}") from None
-    entries = await _entries(repository)
+    entries = await index_entries(repository)
     return [e for e in entries if e.state == "READY"] if only_ready else entries
 
 
@@ -82,13 +71,8 @@ async def load(request: Request, model_name: ModelName, repository: RepositoryDe
     """Load or reload a model from the repository: its newest STEPNET_MAX_VERSIONS versions that
     load, each verified and warmed before it serves. Undoes earlier unloads. 400 when no version
     of it loads."""
-    parameters = _parameters(await _json_body(request, settings.max_upload_bytes))
-    overrides = sorted(k for k in parameters if k == "config" or k.startswith("file:"))
-    if overrides:
-        raise BadRequest(f"{', '.join(overrides)}: not supported; the service loads what the "
-                         f"repository holds")
-    await asyncio.shield(repository.load(model_name))   # a client that leaves does not stop a load
-    return await _entries(repository, model_name)
+    await load_model(repository, model_name, _parameters(await _json_body(request, settings.max_upload_bytes)))
+    return await index_entries(repository, model_name)
 
 
 @router.post("/v2/repository/models/{model_name}/unload", response_model=list[IndexEntry],
@@ -99,12 +83,5 @@ async def unload(request: Request, model_name: ModelName, repository: Repository
     """Unload every version of a model (it answers 404 until loaded again), or with
     `{"parameters": {"version": "2"}}` one version (the next newest on disk takes its place).
     Requests in flight on it finish first."""
-    version = _parameters(await _json_body(request, settings.max_upload_bytes)).get("version")
-    if version is not None:
-        text = str(version) if type(version) is int else version      # "2" or 2, never true or 2.0
-        try:
-            version = parse_version(text)
-        except ValueError as exc:
-            raise BadRequest(f"parameters.version: {exc}") from None
-    await repository.unload(model_name, version)
-    return await _entries(repository, model_name)
+    await unload_model(repository, model_name, _parameters(await _json_body(request, settings.max_upload_bytes)))
+    return await index_entries(repository, model_name)

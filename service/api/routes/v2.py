@@ -17,7 +17,8 @@ from service.errors import (BadRequest, BodyTimeout, EmptyBody, ImageTooLarge, I
                             InvalidImage, ModelNotFound, NotReady, Overloaded, PayloadTooLarge,
                             ProtocolErrorResponse, RequestTimeout, ShuttingDown,
                             UnsupportedMediaType, VersionNotFound, protocol_error_responses)
-from service.protocol.codec import HEADER_LENGTH, decode_request, encode_response, model_metadata
+from service.protocol.codec import (EXTENSIONS, HEADER_LENGTH, decode_request, encode_response,
+                                    model_metadata)
 from service.protocol.schemas import (InferRequest, InferResponse, Live, ModelMetadataResponse,
                                       ModelReady, Ready, ServerMetadata, inline_schema)
 from service.repository import Repository
@@ -27,7 +28,6 @@ from stepnet.repository import VersionState, parse_version
 
 router = APIRouter(tags=["open inference protocol (v2)"])
 
-EXTENSIONS = ["binary_tensor_data", "model_repository"]
 # JSON, the binary tensor data extension, or no Content-Type at all (tritonclient sends none)
 INFER_MEDIA_TYPES = ("", "application/json", "application/octet-stream")
 

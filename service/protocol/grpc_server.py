@@ -1,0 +1,324 @@
+"""Open Inference Protocol (KServe v2) over gRPC, in the app's process and event loop.
+
+`inference.GRPCInferenceService` comes from tritonclient's generated stubs
+(`tritonclient.grpc.service_pb2*`, built by Triton from the protocol's .proto): they hold the
+servicer base class and every RPC, the repository extension's included, without a .proto copied
+here or a generation step at build time (README, Decisions). The standard `grpc.health.v1`
+service comes from grpcio-health-checking.
+
+Every RPC goes through what REST uses: the repository (leases, versions), the batchers (gRPC and
+REST rows join the same batches), the codec's input rules, the stiffness statistics, the admin
+key (`authorization: Bearer <key>` metadata) and the metrics (protocol="grpc"). A ServiceError
+becomes the gRPC status of its HTTP status (STATUS_CODES), with the same message; 503s carry
+`retry-after` (seconds) and `grpc-retry-pushback-ms` in the trailing metadata. The client's
+deadline is honoured: the work stops when it passes, as when STEPNET_REQUEST_TIMEOUT_S does.
+"""
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from service.api.deps import check_admin, deadline, leased
+from service.core.config import Settings
+from service.errors import BadRequest, ClientDisconnected, ServiceError
+from service.metrics import PROTOCOL, Metrics
+from service.protocol import codec
+from service.protocol.repository import index_entries, load_model, unload_model
+from service.protocol.schemas import InferRequest
+from service.repository import Repository
+from stepnet import __version__
+from stepnet.repository import VersionState, parse_version
+
+log = logging.getLogger(__name__)
+
+SERVICE = "inference.GRPCInferenceService"
+HEALTH_PERIOD_S = 0.5
+# HTTP status of a ServiceError -> gRPC status; a client's mistake is never UNKNOWN or INTERNAL
+STATUS_CODES = {
+    400: grpc.StatusCode.INVALID_ARGUMENT, 415: grpc.StatusCode.INVALID_ARGUMENT,
+    422: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    499: grpc.StatusCode.CANCELLED, 500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def _trailers(error: ServiceError) -> tuple[tuple[str, str], ...]:
+    retry = (error.headers or {}).get("Retry-After")
+    if retry is None:
+        return ()
+    return ("retry-after", retry), ("grpc-retry-pushback-ms", str(int(float(retry) * 1000)))
+
+
+def rpc(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
+    """One RPC: metrics (endpoint = the RPC's name, status = its HTTP equivalent, protocol grpc)
+    and errors as gRPC statuses. A client that cancels or whose deadline passes is 499."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def handler(self: "InferenceServicer", request, context: grpc.aio.ServicerContext):
+        started, status = time.perf_counter(), 200
+        self.metrics.in_flight.inc()
+        token = PROTOCOL.set("grpc")
+        try:
+            return await method(self, request, context)
+        except ServiceError as error:
+            status = error.status
+            context.set_trailing_metadata(_trailers(error))
+            await context.abort(STATUS_CODES.get(error.status, grpc.StatusCode.INTERNAL), error.message)
+        except asyncio.CancelledError:
+            status = ClientDisconnected.status
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            status = 500
+            log.exception("%s failed", name)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server logged it")
+        finally:
+            PROTOCOL.reset(token)
+            self.metrics.in_flight.dec()
+            self.metrics.observe_request(name, status, time.perf_counter() - started, "grpc")
+
+    return handler
+
+
+def _value(parameter) -> object:
+    """An InferParameter or ModelRepositoryParameter as the Python value REST's JSON would give."""
+    kind = parameter.WhichOneof("parameter_choice")
+    return None if kind is None else getattr(parameter, kind)
+
+
+def _parameters(parameters) -> dict:
+    return {key: _value(value) for key, value in parameters.items()}
+
+
+def _version(text: str) -> int | None:
+    if not text:
+        return None
+    try:
+        return parse_version(text)
+    except ValueError as exc:
+        raise BadRequest(f"model_version: {exc}") from None
+
+
+def _model_name(text: str) -> str:
+    if not text:
+        raise BadRequest("model_name is required")
+    return text
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, repository: Repository, settings: Settings, metrics: Metrics):
+        self.repository, self.settings, self.metrics = repository, settings, metrics
+
+    # ---------------------------------------------------------------- health and metadata
+
+    @rpc
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    @rpc
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.repository.ready)
+
+    @rpc
+    async def ModelReady(self, request, context):
+        state = self.repository.resolve(_model_name(request.name), _version(request.version))
+        return pb.ModelReadyResponse(ready=state.state is VersionState.READY)
+
+    @rpc
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name="stepnet", version=__version__, extensions=codec.EXTENSIONS)
+
+    @rpc
+    async def ModelMetadata(self, request, context):
+        version = _version(request.version)
+        with leased(self.repository, _model_name(request.name), None if version is None else str(version)) as served:
+            meta = codec.model_metadata(served.meta, self.repository.versions(served.name))
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=meta.name, versions=meta.versions, platform=meta.platform,
+            inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.inputs],
+            outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.outputs])
+
+    # ---------------------------------------------------------------- inference
+
+    @rpc
+    async def ModelInfer(self, request, context):
+        name, version = _model_name(request.model_name), _version(request.model_version)
+        seconds = self.settings.request_timeout_s
+        if context.time_remaining() is not None:
+            seconds = min(seconds, max(0.0, context.time_remaining()))
+        with leased(self.repository, name, None if version is None else str(version)) as served:
+            async with deadline(seconds) as work:
+                work.received()                      # gRPC hands over whole messages
+                decoded = await asyncio.to_thread(_decode, request, served.meta,
+                                                  self.settings.max_request_rows)
+                if decoded.images is not None:
+                    results, _ = await served.infer_images(decoded.images)
+                else:
+                    results = await served.infer_tensor(decoded.tensor)
+            return _encode(decoded, served.meta, results)
+
+    # ---------------------------------------------------------------- repository extension
+
+    @rpc
+    async def RepositoryIndex(self, request, context):
+        entries = await index_entries(self.repository)
+        if request.ready:
+            entries = [e for e in entries if e.state == "READY"]
+        index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(models=[
+            index(name=e.name, version=e.version, state=e.state, reason=e.reason) for e in entries])
+
+    @rpc
+    async def RepositoryModelLoad(self, request, context):
+        self._admin(context)
+        await load_model(self.repository, _model_name(request.model_name), _parameters(request.parameters))
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc
+    async def RepositoryModelUnload(self, request, context):
+        self._admin(context)
+        await unload_model(self.repository, _model_name(request.model_name), _parameters(request.parameters))
+        return pb.RepositoryModelUnloadResponse()
+
+    def _admin(self, context: grpc.aio.ServicerContext) -> None:
+        metadata = dict(context.invocation_metadata() or ())
+        check_admin(self.settings, metadata.get("authorization"))
+
+
+# -------------------------------------------------------------------- tensors
+
+def _blob(tensor) -> bytes:
+    """A tensor sent in `contents` as the bytes REST's binary data would carry."""
+    if tensor.datatype == "BYTES":
+        return b"".join(len(item).to_bytes(4, "little") + item for item in tensor.contents.bytes_contents)
+    return np.asarray(tensor.contents.fp32_contents, "<f4").tobytes()
+
+
+def _decode(request, meta, max_rows: int) -> codec.Decoded:
+    """A ModelInferRequest -> what the REST route decodes, through the same rules: inputs from
+    `raw_input_contents` (one per input) or `contents`; outputs binary (raw_output_contents)
+    unless every output asks for `binary_data: false`."""
+    parameters = _parameters(request.parameters)
+    parameters.setdefault("binary_data_output", True)
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise BadRequest(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+                         f"send every input there or every input in contents")
+    inputs, blobs = [], []
+    for i, tensor in enumerate(request.inputs):
+        inputs.append({"name": tensor.name, "datatype": tensor.datatype, "shape": list(tensor.shape),
+                       "parameters": _parameters(tensor.parameters)})
+        blobs.append(raw[i] if raw else _blob(tensor))
+    outputs = [{"name": o.name, "parameters": _parameters(o.parameters)} for o in request.outputs]
+    try:
+        parsed = InferRequest.model_validate({"id": request.id or None, "parameters": parameters,
+                                              "inputs": inputs, "outputs": outputs})
+    except ValueError as exc:
+        raise BadRequest(f"invalid inference request: {codec.reason(exc)}") from None
+    return codec.decode_inputs(parsed, blobs, meta, max_rows)
+
+
+def _encode(decoded: codec.Decoded, meta, results) -> pb.ModelInferResponse:
+    tensors = codec.output_tensors(decoded, results)
+    binary = any(as_binary for _, _, as_binary in tensors)
+    response = pb.ModelInferResponse(model_name=meta.name, model_version=str(meta.version),
+                                     id=decoded.request.id or "")
+    for name, array, _ in tensors:
+        out = response.outputs.add(name=name, datatype="FP32", shape=array.shape)
+        if binary:
+            response.raw_output_contents.append(array.astype("<f4", copy=False).tobytes())
+        else:
+            out.contents.fp32_contents.extend(array.ravel().tolist())
+    return response
+
+
+# -------------------------------------------------------------------- the server
+
+class _Health(health.aio.HealthServicer):
+    """grpc.health.v1 with its statuses brought up to date before every Check (a Kubernetes
+    probe sees what /readyz says now); Watch streams get the changes the server's loop sets."""
+
+    def __init__(self, refresh: Callable[[], Awaitable[None]]):
+        super().__init__()
+        self._refresh = refresh
+
+    async def Check(self, request, context):
+        await self._refresh()
+        return await super().Check(request, context)
+
+
+class GrpcServer:
+    """The grpc.aio server of one app: started in its lifespan, stopped on SIGTERM (stepnet
+    serve) or at the end of the lifespan, whichever comes first; stop() is idempotent."""
+
+    def __init__(self, repository: Repository, settings: Settings, metrics: Metrics):
+        limit = settings.grpc_max_message_bytes or settings.max_upload_bytes
+        self.settings = settings
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                               ("grpc.max_send_message_length", -1),
+                                               ("grpc.so_reuseport", 0)])
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(repository, settings, metrics), self.server)
+        self.health = _Health(self._set_health)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.repository = repository
+        self._stopping: asyncio.Task | None = None
+        self._watch: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._health_status = None
+
+    async def start(self) -> None:
+        address = f"{self.settings.host}:{self.settings.grpc_port}"
+        try:
+            self.server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"gRPC: cannot listen on {address} (STEPNET_GRPC_PORT): {exc}") from None
+        await self.server.start()
+        self._loop = asyncio.get_running_loop()
+        self._watch = asyncio.create_task(self._track_readiness(), name="grpc-health")
+        log.info("gRPC (Open Inference Protocol, grpc.health.v1) on %s", address)
+
+    async def _track_readiness(self) -> None:
+        """grpc.health.v1 says SERVING for the server ("") and the inference service while
+        /readyz would say ready, NOT_SERVING otherwise."""
+        while True:
+            await self._set_health()
+            await asyncio.sleep(HEALTH_PERIOD_S)
+
+    async def _set_health(self) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if self.repository.ready
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        if status != self._health_status and self._stopping is None:
+            for service in ("", SERVICE):
+                await self.health.set(service, status)
+            self._health_status = status
+
+    def stop_soon(self) -> None:
+        """stop(), from a signal handler or another thread."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.stop)
+
+    def stop(self) -> asyncio.Task:
+        """Stop accepting calls; those in flight get up to STEPNET_SHUTDOWN_TIMEOUT_S to finish."""
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(self._stop(), name="grpc-stop")
+        return self._stopping
+
+    async def _stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.shutdown_timeout_s)
