@@ -12,10 +12,11 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from service.observability import REQUEST_ID
 from stepnet.repository import VERSION_PATTERN, VERSION_RULE
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,7 @@ class ClientDisconnected(ServiceError, status=499, code="client_closed_request")
 class ErrorDetail(BaseModel):
     code: str
     message: str
+    request_id: str | None = Field(None, description="the request's X-Request-ID (the client's or generated)")
 
 
 class ErrorResponse(BaseModel):
@@ -143,8 +145,9 @@ class ErrorResponse(BaseModel):
 
 
 class ProtocolErrorResponse(BaseModel):
-    """The Open Inference Protocol's error body."""
+    """The Open Inference Protocol's error body (and the request's ID)."""
     error: str
+    request_id: str | None = None
 
 
 PROTOCOL_PREFIX = "/v2"
@@ -168,15 +171,20 @@ def protocol_error_responses(*errors: type[ServiceError]) -> dict[int | str, dic
 
 
 def error_json(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    detail = {"code": code, "message": message}
+    if (rid := REQUEST_ID.get()) is not None:
+        detail["request_id"] = rid
+    return JSONResponse({"error": detail}, status_code=status, headers=headers)
 
 
 def _respond(request: Request, status: int, code: str, message: str,
              headers: dict[str, str] | None = None) -> JSONResponse:
     path = request.url.path
     if path == PROTOCOL_PREFIX or path.startswith(PROTOCOL_PREFIX + "/"):
-        return JSONResponse({"error": message}, status_code=_PROTOCOL_STATUS.get(status, status),
-                            headers=headers)
+        body = {"error": message}
+        if (rid := REQUEST_ID.get()) is not None:
+            body["request_id"] = rid
+        return JSONResponse(body, status_code=_PROTOCOL_STATUS.get(status, status), headers=headers)
     return error_json(status, code, message, headers)
 
 

@@ -15,11 +15,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from service import observability
 from service.api.routes import (docs, health, metrics as metrics_route, models, page, predict,
                                 repository as repository_route, stiffness, v2)
 from service.core.config import Settings
 from service.errors import install_error_handlers
 from service.metrics import GpuCollector, Metrics, RequestMetricsMiddleware, StateCollector
+from service.observability import RequestIdMiddleware
 from service.preprocess import return_memory_to_the_os
 from service.repository import Repository
 
@@ -38,7 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        _configure_logging(settings.log_level)
+        observability.configure(settings.log_level, settings.log_format)
         return_memory_to_the_os()
         if settings.max_queue_size < settings.max_batch_size:
             log.warning("STEPNET_MAX_QUEUE_SIZE=%d is below STEPNET_MAX_BATCH_SIZE=%d: batches never "
@@ -68,7 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   lifespan=lifespan, docs_url=None, redoc_url=None)    # /docs: service.api.routes.docs
     app.state.settings, app.state.metrics = settings, metrics
     install_error_handlers(app)
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics, access_log=settings.access_log)
+    app.add_middleware(RequestIdMiddleware)      # outermost: the ID is set for everything inside
     for module in (predict, stiffness, models, health, metrics_route, v2, repository_route, docs, page):
         app.include_router(module.router)
     app.mount(docs.ASSETS, docs.assets, name="docs-assets")
@@ -103,11 +106,6 @@ async def _load(repository: Repository, metrics: Metrics, poll_s: float) -> None
         await repository.poll(poll_s)
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # no-op if configured
-    logging.getLogger("service").setLevel(level.upper())
-
-
 def serve(settings: Settings) -> None:
     """Run the app with uvicorn (what `stepnet serve` does): httptools and uvloop, the faster
     parser and loop (docs/performance.md), with the connection limits of service.connections."""
@@ -115,12 +113,14 @@ def serve(settings: Settings) -> None:
 
     from service.connections import ConnectionLimits, guarded_protocol
 
+    observability.configure(settings.log_level, settings.log_format)   # before uvicorn's first line
     app = create_app(settings)
     limits = ConnectionLimits(settings.max_header_bytes, settings.header_timeout_s, settings.max_connections)
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             http=guarded_protocol(limits, app.state.metrics), loop="uvloop",
                             ws="none",          # no WebSocket routes: upgrade requests are not taken
-                            log_level=settings.log_level, access_log=settings.access_log,
+                            log_level=settings.log_level, log_config=None,   # ours: observability
+                            access_log=False,   # the service's own (service.observability), with durations
                             timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s))
 
     class Server(uvicorn.Server):

@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from service.observability import log_access
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 PROTOCOLS = ("rest", "grpc")
@@ -157,8 +159,8 @@ class RequestMetricsMiddleware:
     """Counts every HTTP request by endpoint (the route's path template) and status, and times it.
     Plain ASGI: BaseHTTPMiddleware would add a task and a stream copy per request."""
 
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+    def __init__(self, app, metrics: Metrics, access_log: bool = False):
+        self.app, self.metrics, self.access_log = app, metrics, access_log
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -179,4 +181,7 @@ class RequestMetricsMiddleware:
             self.metrics.in_flight.dec()
             route = scope.get("route")
             endpoint = getattr(route, "path", "unmatched")
-            self.metrics.observe_request(endpoint, status, time.perf_counter() - started, "rest")
+            seconds = time.perf_counter() - started
+            self.metrics.observe_request(endpoint, status, seconds, "rest")
+            if self.access_log:
+                log_access(endpoint, scope.get("method", "-"), status, seconds, "rest")

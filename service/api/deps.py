@@ -11,6 +11,7 @@ from fastapi import Depends, Header, Path, Query, Request
 from service.core.config import Settings
 from service.errors import AdminDisabled, BodyTimeout, NotReady, RequestTimeout, Unauthorized
 from service.metrics import Metrics
+from service.observability import MODEL
 from service.repository import Repository
 from service.served import ServedModel
 from stepnet.repository import VERSION_PATTERN, VERSION_RULE, parse_version
@@ -54,6 +55,7 @@ def leased(repository: Repository, name: str | None, version: str | None) -> Ite
     """The version a request names, leased until the request is done: a hot reload or an unload
     waits for it before it stops that version. Resolving and leasing happen in one step."""
     with repository.get(name, None if version is None else parse_version(version)).lease() as served:
+        MODEL.set((served.name, served.version))      # for the request's log lines
         yield served
 
 

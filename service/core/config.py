@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(30.0, ge=0,
                                       description="on SIGTERM, longest wait for requests in flight")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field("text", description="json: one object per line "
+                                                "(service.observability)")
     access_log: bool = True
 
     @field_validator("admin_key", mode="before")

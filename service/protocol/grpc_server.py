@@ -30,6 +30,7 @@ from service.api.deps import check_admin, deadline, leased
 from service.core.config import Settings
 from service.errors import BadRequest, ClientDisconnected, ServiceError
 from service.metrics import PROTOCOL, Metrics
+from service.observability import HEADER, REQUEST_ID, log_access, request_id
 from service.protocol import codec
 from service.protocol.repository import index_entries, load_model, unload_model
 from service.protocol.schemas import InferRequest
@@ -69,11 +70,14 @@ def rpc(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
         started, status = time.perf_counter(), 200
         self.metrics.in_flight.inc()
         token = PROTOCOL.set("grpc")
+        rid = request_id(dict(context.invocation_metadata() or ()).get(HEADER))
+        rid_token = REQUEST_ID.set(rid)
+        context.set_trailing_metadata(((HEADER, rid),))
         try:
             return await method(self, request, context)
         except ServiceError as error:
             status = error.status
-            context.set_trailing_metadata(_trailers(error))
+            context.set_trailing_metadata(((HEADER, rid), *_trailers(error)))
             await context.abort(STATUS_CODES.get(error.status, grpc.StatusCode.INTERNAL), error.message)
         except asyncio.CancelledError:
             status = ClientDisconnected.status
@@ -85,9 +89,13 @@ def rpc(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
             log.exception("%s failed", name)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; the server logged it")
         finally:
+            seconds = time.perf_counter() - started
             PROTOCOL.reset(token)
             self.metrics.in_flight.dec()
-            self.metrics.observe_request(name, status, time.perf_counter() - started, "grpc")
+            self.metrics.observe_request(name, status, seconds, "grpc")
+            if self.settings.access_log:
+                log_access(name, "RPC", status, seconds, "grpc")
+            REQUEST_ID.reset(rid_token)
 
     return handler
 

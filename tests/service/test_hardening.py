@@ -35,7 +35,7 @@ def v2_error(response, status: int = 400) -> str:
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
     body = response.json()
-    assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"]
+    assert set(body) == {"error", "request_id"} and isinstance(body["error"], str) and body["error"]
     return body["error"]
 
 

@@ -83,7 +83,7 @@ def test_bad_infer_request_gets_400(client, case):
     response = client.post(INFER, **BAD_REQUESTS[case])
     assert response.status_code == 400, response.text
     assert response.headers["content-type"] == "application/json"
-    assert set(response.json()) == {"error"} and isinstance(response.json()["error"], str)
+    assert set(response.json()) == {"error", "request_id"} and isinstance(response.json()["error"], str)
 
 
 @pytest.mark.parametrize("path, status", [
