@@ -22,6 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.errors import InferenceFailed, Overloaded, ShuttingDown
+from opentelemetry import context as otel_context
+
+from service import tracing
 from service.metrics import PROTOCOL, ModelMetrics
 
 
@@ -34,11 +37,13 @@ class BatchResult:
 
 
 class _Item:
-    __slots__ = ("x", "future", "enqueued", "dispatched", "protocol")
+    __slots__ = ("x", "future", "enqueued", "dispatched", "protocol", "trace_context", "enqueued_ns")
 
     def __init__(self, x: np.ndarray, future: asyncio.Future):
         self.x, self.future, self.enqueued, self.dispatched = x, future, time.perf_counter(), False
         self.protocol = PROTOCOL.get()           # the request's transport, for the batch metrics
+        if tracing.enabled():                    # the request's span, for its queue span
+            self.trace_context, self.enqueued_ns = otel_context.get_current(), time.time_ns()
 
 
 class Slot:
@@ -67,6 +72,8 @@ class Batcher:
                  input_dtype: np.dtype, max_batch_size: int, max_queue_delay_s: float,
                  max_queue_size: int, metrics: ModelMetrics):
         self._run, self.name, self.input_dtype = run, name, np.dtype(input_dtype)
+        model, _, version = name.rpartition(":")          # "model:version", for the batch spans
+        self._model = (model or name, int(version) if version.isdigit() else 0)
         self.max_batch_size, self.max_queue_delay_s = max_batch_size, max_queue_delay_s
         self.max_queue_size, self._metrics = max_queue_size, metrics
         self._queue: deque[_Item] = deque()
@@ -145,6 +152,7 @@ class Batcher:
             for item in items:
                 item.dispatched = True
             self._admitted -= len(items)
+            batch_span = tracing.batch_spans(items, *self._model, time.time_ns())
             started = time.perf_counter()
             try:
                 outputs, inference_s = await loop.run_in_executor(self._executor, self._run_batch, items)
@@ -159,6 +167,8 @@ class Batcher:
                     item.future.set_result(BatchResult(tuple(out[i] for out in outputs),
                                                        started - item.enqueued, inference_s, len(items)))
             self._metrics.observe_batch([item.protocol for item in items])
+            if batch_span is not None:
+                batch_span.end()
             self._metrics.inference_seconds.observe(inference_s)
 
     def _run_batch(self, items: list[_Item]) -> tuple[Sequence[np.ndarray], float]:

@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service import observability
+from service import observability, tracing
 from service.api.routes import (docs, health, metrics as metrics_route, models, page, predict,
                                 repository as repository_route, stiffness, v2)
 from service.core.config import Settings
@@ -65,12 +65,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if grpc_server is not None:     # already stopping since SIGTERM under `stepnet serve`
                 await grpc_server.stop()
             await repository.close(settings.shutdown_timeout_s)
+            tracing.shutdown()
 
     app = FastAPI(title="StepNet inference service", description=DESCRIPTION, version="1",
-                  lifespan=lifespan, docs_url=None, redoc_url=None)    # /docs: service.api.routes.docs
+                  lifespan=lifespan, docs_url=None, redoc_url=None,     # /docs: service.api.routes.docs
+                  telemetry={"operation_spans": False})    # request spans: FastAPI's (service.tracing)
     app.state.settings, app.state.metrics = settings, metrics
     install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, access_log=settings.access_log)
+    tracing.setup(settings.tracing)
     app.add_middleware(RequestIdMiddleware)      # outermost: the ID is set for everything inside
     for module in (predict, stiffness, models, health, metrics_route, v2, repository_route, docs, page):
         app.include_router(module.router)

@@ -19,6 +19,8 @@ import re
 import time
 import uuid
 
+from opentelemetry import trace
+
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 MODEL: contextvars.ContextVar[tuple[str, int] | None] = contextvars.ContextVar("model", default=None)
 HEADER = "x-request-id"
@@ -45,6 +47,7 @@ class RequestIdMiddleware:
         offered = next((v.decode("latin-1") for k, v in scope["headers"] if k == HEADER.encode()), None)
         rid = request_id(offered)
         token = REQUEST_ID.set(rid)
+        trace.get_current_span().set_attribute("stepnet.request_id", rid)    # FastAPI's request span
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":

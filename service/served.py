@@ -11,10 +11,11 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AsyncExitStack, contextmanager
+from contextlib import AsyncExitStack, contextmanager, nullcontext
 
 import numpy as np
 
+from service import tracing
 from service.batcher import Batcher, BatchResult, Slot
 from service.core.config import Settings
 from service.metadata import ModelMetadata
@@ -58,8 +59,10 @@ class ServedModel:
             slots = await self._slots(stack, len(images))
             started = time.perf_counter()
             loop = asyncio.get_running_loop()
-            timed = await asyncio.gather(*(loop.run_in_executor(self._pool, self._preprocess, data)
-                                           for data in images))
+            with (tracing.TRACER.start_as_current_span("preprocess", attributes={"stepnet.images": len(images)})
+                  if tracing.enabled() else nullcontext()):
+                timed = await asyncio.gather(*(loop.run_in_executor(self._pool, self._preprocess, data)
+                                               for data in images))
             preprocess_s = time.perf_counter() - started
             results = await self._submit(slots, [row for row, _ in timed])
         for _, seconds in timed:

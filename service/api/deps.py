@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Annotated
 
 from fastapi import Depends, Header, Path, Query, Request
+from opentelemetry import trace
 
 from service.core.config import Settings
 from service.errors import AdminDisabled, BodyTimeout, NotReady, RequestTimeout, Unauthorized
@@ -55,7 +56,10 @@ def leased(repository: Repository, name: str | None, version: str | None) -> Ite
     """The version a request names, leased until the request is done: a hot reload or an unload
     waits for it before it stops that version. Resolving and leasing happen in one step."""
     with repository.get(name, None if version is None else parse_version(version)).lease() as served:
-        MODEL.set((served.name, served.version))      # for the request's log lines
+        MODEL.set((served.name, served.version))      # for the request's log lines and span
+        span = trace.get_current_span()
+        span.set_attribute("stepnet.model", served.name)
+        span.set_attribute("stepnet.version", served.version)
         yield served
 
 

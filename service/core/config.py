@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="json: one object per line "
                                                 "(service.observability)")
     access_log: bool = True
+    tracing: Literal["auto", "otlp", "off"] = Field(
+        "auto", description="OpenTelemetry traces over OTLP/HTTP (service.tracing); auto: on when "
+                            "OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set")
 
     @field_validator("admin_key", mode="before")
     @classmethod

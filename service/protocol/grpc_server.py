@@ -15,6 +15,7 @@ deadline is honoured: the work stops when it passes, as when STEPNET_REQUEST_TIM
 """
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -30,7 +31,8 @@ from service.api.deps import check_admin, deadline, leased
 from service.core.config import Settings
 from service.errors import BadRequest, ClientDisconnected, ServiceError
 from service.metrics import PROTOCOL, Metrics
-from service.observability import HEADER, REQUEST_ID, log_access, request_id
+from service import tracing
+from service.observability import HEADER, MODEL, REQUEST_ID, log_access, request_id
 from service.protocol import codec
 from service.protocol.repository import index_entries, load_model, unload_model
 from service.protocol.schemas import InferRequest
@@ -70,9 +72,12 @@ def rpc(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
         started, status = time.perf_counter(), 200
         self.metrics.in_flight.inc()
         token = PROTOCOL.set("grpc")
-        rid = request_id(dict(context.invocation_metadata() or ()).get(HEADER))
+        metadata = dict(context.invocation_metadata() or ())
+        rid = request_id(metadata.get(HEADER))
         rid_token = REQUEST_ID.set(rid)
         context.set_trailing_metadata(((HEADER, rid),))
+        spans = contextlib.ExitStack()
+        span = spans.enter_context(tracing.server_span(name, metadata)) if tracing.enabled() else None
         try:
             return await method(self, request, context)
         except ServiceError as error:
@@ -95,6 +100,9 @@ def rpc(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
             self.metrics.observe_request(name, status, seconds, "grpc")
             if self.settings.access_log:
                 log_access(name, "RPC", status, seconds, "grpc")
+            if span is not None:
+                tracing.finish_request(span, status, rid, MODEL.get())
+                spans.close()
             REQUEST_ID.reset(rid_token)
 
     return handler

@@ -157,12 +157,14 @@ def single_model_repository(tmp_path_factory, default_model) -> Path:
 
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory):
-    """start_server(repository, cli=False, **STEPNET_settings) -> a ready Server."""
+    """start_server(repository, cli=False, **settings) -> a ready Server. A setting is
+    STEPNET_<NAME>, except OTEL_* variables, which pass as they are."""
     servers = []
 
     def start(repository: Path, cli: bool = False, wait: bool = True, **settings) -> Server:
         log_path = tmp_path_factory.mktemp("server") / "server.log"
-        server = Server(repository, log_path, {f"STEPNET_{k.upper()}": str(v) for k, v in settings.items()}, cli)
+        env = {k if k.startswith("OTEL_") else f"STEPNET_{k.upper()}": str(v) for k, v in settings.items()}
+        server = Server(repository, log_path, env, cli)
         servers.append(server)
         return server.wait_ready() if wait else server
 
