@@ -20,7 +20,6 @@ Spans, in the trace of the client's W3C `traceparent` where it sends one:
 """
 
 import os
-import time
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -99,7 +98,3 @@ def batch_spans(items, model: str, version: int, dispatched_ns: int):
                                   attributes={"stepnet.batch_size": len(items)})
         queue.end(end_time=dispatched_ns)
     return batch
-
-
-def now_ns() -> int:
-    return time.time_ns()

@@ -68,18 +68,14 @@ def decode_request(body: bytes, header_length: str | None, meta: ModelMetadata, 
         request = InferRequest.model_validate_json(text)
     except ValueError as exc:          # JSON, UTF-8, depth and pydantic errors
         raise BadRequest(f"invalid inference request: {reason(exc)}") from None
-    _one_input(request, meta)
-    _no_shared_memory(request)
-    return decode_inputs(request, _binary_inputs(request.inputs, binary), meta, max_rows)
+    _check_inputs(request, meta)
+    return _decode_checked(request, _binary_inputs(request.inputs, binary), meta, max_rows)
 
 
-def _one_input(request: InferRequest, meta: ModelMetadata) -> None:
+def _check_inputs(request: InferRequest, meta: ModelMetadata) -> None:
     if len(request.inputs) != 1:
         raise BadRequest(f"send exactly one input ({meta.input.name} or {IMAGE_INPUT}); got "
                          f"{len(request.inputs)}")
-
-
-def _no_shared_memory(request: InferRequest) -> None:
     if any("shared_memory_region" in tensor.parameters for tensor in request.inputs):
         raise BadRequest("shared memory is not supported: send the tensor as data or binary data")
 
@@ -89,8 +85,12 @@ def decode_inputs(request: InferRequest, blobs: list[bytes | None], meta: ModelM
     """A parsed request and each input's bytes (binary data; None where it sent JSON data) -> the
     model input. The transports differ only in how they carry the bytes (REST's body, gRPC's
     raw_input_contents or contents)."""
-    _one_input(request, meta)
-    _no_shared_memory(request)
+    _check_inputs(request, meta)
+    return _decode_checked(request, blobs, meta, max_rows)
+
+
+def _decode_checked(request: InferRequest, blobs: list[bytes | None], meta: ModelMetadata,
+                    max_rows: int) -> Decoded:
     tensor, blob = request.inputs[0], blobs[0]
     if tensor.name == meta.input.name:
         return Decoded(request, _fp32(tensor, blob, meta, max_rows), None, _outputs(request))
