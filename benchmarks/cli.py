@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-PARTS = ("model", "diagnostics", "service", "http", "train", "gpu")
+PARTS = ("model", "diagnostics", "service", "instances", "tracing", "http", "train", "gpu")
 MODELS = ("stepnet50", "digits")
 
 
@@ -35,7 +35,8 @@ def register(sub) -> None:
         description="Measure PyTorch eager vs ONNX Runtime fp32 / int8 (StepNet-50 at 224x224 with "
                     "random weights, and the default digits model), the cost of the diagnostics "
                     "outputs, a real `stepnet serve` under load against raw session.run, the cost of its "
-                    "connection limits against uvicorn's plain HTTP protocols, training images/s "
+                    "connection limits against uvicorn's plain HTTP protocols, one CPU session with "
+                    "every core against one per core (STEPNET_INSTANCES), tracing on against off, training images/s "
                     "(StepNet-50 against torchvision ResNet-50, fp32 and bf16, DDP 1 and 2 processes) and, on a "
                     "GPU host, the CUDA provider fp32 / fp16 against PyTorch fp16; "
                     "write RESULTS/<machine>-<date>.json, .md and PNG plots (docs/performance.md).")

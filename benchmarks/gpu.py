@@ -53,8 +53,8 @@ class Bound:
     fallback on a GPU); run_on(x) gives a run function with the input and outputs on the device."""
 
     def __init__(self, proto: onnx.ModelProto, target: Target, threads: int):
-        device = Device(target.name, "benchmark", strict=True)
-        self.session = Session(proto.SerializeToString(), device, threads, OUTPUTS,
+        device = Device(target.name, "benchmark", strict=True, gpus=(0,) if target.name == "cuda" else ())
+        self.session = Session(proto.SerializeToString(), device, 0, threads, OUTPUTS,
                                f"gpu benchmark ({target.name})").session
         self.target = target
 

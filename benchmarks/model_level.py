@@ -79,7 +79,7 @@ def digits(calibration_images: int = variants.INT8_CALIBRATION_SAMPLES) -> Bench
 
 
 def session(proto: onnx.ModelProto, threads: int, outputs=OUTPUTS) -> Session:
-    return Session(proto.SerializeToString(), CPU, threads, outputs, "benchmark")
+    return Session(proto.SerializeToString(), CPU, None, threads, outputs, "benchmark")
 
 
 def without_diagnostics(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto]:

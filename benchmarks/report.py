@@ -37,6 +37,10 @@ def markdown(results: dict, plots: list[str]) -> str:
         lines += _diagnostics(results["diagnostics"])
     for name, svc in results["service"].items():
         lines += _service_level(name, svc)
+    if results.get("instances"):
+        lines += _instances(results["instances"])
+    if results.get("tracing"):
+        lines += _tracing(results["tracing"])
     if results.get("http"):
         lines += _http_layer(results["http"])
     if results.get("train"):
@@ -156,6 +160,41 @@ def _service_level(name: str, svc: dict) -> list[str]:
             + _transports(svc)
             + ["", f"Raw session.run batch 1: p50 {_ms(raw['batches']['1']['p50_ms'])} ms, "
                    f"p95 {_ms(raw['batches']['1']['p95_ms'])} ms."])
+
+
+def _ab_rows(part: dict) -> tuple[list[str], list[list[str]]]:
+    """One row per concurrency: each configuration's median req/s and p50, and their ratio."""
+    labels = list(part["configs"])
+    rows = []
+    for c, by_config in part["results"].items():
+        cells = [f"{by_config[k]['throughput']:.1f} / {_ms(by_config[k]['p50_ms'])}" for k in labels]
+        ratio = (f"{by_config[labels[1]]['throughput'] / by_config[labels[0]]['throughput']:.2f}"
+                 if len(labels) > 1 else "-")
+        rows.append([c, *cells, ratio, str(sum(by_config[k]["errors"] for k in labels))])
+    header = ["concurrency", *(f"{k}: req/s / p50 ms" for k in labels),
+              f"req/s {labels[-1]} / {labels[0]}", "errors"]
+    return header, rows
+
+
+def _instances(part: dict) -> list[str]:
+    lines = ["", "## CPU instances (STEPNET_INSTANCES x STEPNET_INTRA_OP_THREADS)", "",
+             "Two `stepnet serve` processes side by side, loaded in turn; medians over the rounds. "
+             "`1 x N`: one session with N intra-op threads; `N x 1`: N sessions of one thread, "
+             "batches running concurrently."]
+    for name, result in part.items():
+        header, rows = _ab_rows(result)
+        lines += ["", f"{MODEL_NAMES.get(name, name)}: {result['rounds']} round(s) of "
+                      f"{result['seconds_per_load']:.0f} s per load.", ""] + _table(header, rows)
+    return lines
+
+
+def _tracing(part: dict) -> list[str]:
+    header, rows = _ab_rows(part)
+    return (["", "## Tracing cost (digits)", "",
+             f"Off: `STEPNET_TRACING=off`; on: every span exported over OTLP/HTTP to a loopback collector "
+             f"that drops them ({part['exports_received']} exports received). When off, the checks one "
+             f"request makes cost {part['off_checks_ns_per_request']:.0f} ns (timeit).", ""]
+            + _table(header, rows))
 
 
 def _http_layer(http: dict) -> list[str]:

@@ -149,6 +149,7 @@ def run(settings: BenchSettings, models: tuple[str, ...], parts: tuple[str, ...]
                                               "models": list(models), "parts": list(parts)},
                    "load_average_start": load_start, "quiet_wait": waited,
                    "model": {}, "diagnostics": {}, "profiles": {}, "service": {}, "http": None,
+                   "instances": None, "tracing": None,
                    "train": None, "gpu": None}
         benches = {name: getattr(model_level, name)() for name in models}
         _model_parts(results, benches, settings, parts, threads)
@@ -206,6 +207,21 @@ def _serving_parts(results: dict, benches: dict, settings: BenchSettings, parts:
                 results["service"][name] = service.service_level(
                     name, version, settings.concurrencies, settings.load_seconds, settings.load_min_requests,
                     settings.load_max_requests, settings.raw_budget, threads, tmp)
+    if "instances" in parts or "tracing" in parts:
+        from benchmarks import instances
+
+        seconds, rounds = settings.load_seconds / 3, 2 if settings.mode == "full" else 1
+        load = (settings.concurrencies, seconds, settings.load_min_requests, settings.load_max_requests, rounds)
+        with tempfile.TemporaryDirectory(prefix="stepnet-bench-") as tmp:
+            tmp = Path(tmp)
+            versions = {name: service.digits_version(tmp / "repo-digits") if name == "digits"
+                        else service.stepnet50_version(tmp / "repo-stepnet50", bench)
+                        for name, bench in benches.items()}
+            if "instances" in parts:
+                results["instances"] = instances.instances_part(versions, threads, *load, tmp)
+            if "tracing" in parts:
+                digits = versions.get("digits") or service.digits_version(tmp / "repo-digits")
+                results["tracing"] = instances.tracing_part(digits, threads, *load, tmp)
     if "http" in parts:
         from benchmarks.http_layer import http_layer
 

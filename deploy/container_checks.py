@@ -146,7 +146,7 @@ def cmd_compose_diff(gpu_file: str, cpu_file: str) -> None:
     gpu, cpu = (yaml.safe_load(Path(f).read_text()) for f in (gpu_file, cpu_file))
     stepnet = gpu["services"]["stepnet"]
     devices = stepnet.pop("deploy")["resources"]["reservations"]["devices"]
-    check(devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}],
+    check(devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}],
           f"GPU compose file: unexpected device reservation {devices}")
     check(stepnet["environment"]["STEPNET_DEVICE"] == "cuda", "GPU compose file: STEPNET_DEVICE is not cuda")
     check(cpu["services"]["stepnet"]["environment"]["STEPNET_DEVICE"] == "cpu",

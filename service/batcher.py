@@ -4,28 +4,37 @@ A request first takes a slot (`async with batcher.slot() as slot`), before its i
 so STEPNET_MAX_QUEUE_SIZE bounds all the work admitted and not yet running: when the slots are
 taken the request is refused at once (503), nothing blocks. Pre-processed inputs wait in a FIFO
 until the batch is full (STEPNET_MAX_BATCH_SIZE) or its oldest request has waited
-STEPNET_MAX_QUEUE_DELAY_MS; one thread per batcher runs the batch off the event loop, and each
-request gets its own row of every output. A request cancelled while it waits (client gone,
-timeout) leaves the queue, so its work is never done.
+STEPNET_MAX_QUEUE_DELAY_MS, and each request gets its own row of every output. A request
+cancelled while it waits (client gone, timeout) leaves the queue, so its work is never done.
+
+Instances (Triton's instance groups): a model version has one or more sessions, each an
+`Instance` with its own thread. A batch is formed once an instance is free and goes to the one
+idle longest, so with N instances up to N batches run at the same time; while all are busy, the
+next batch fills. A batch that fails fails its own requests only (500), and takes its instance
+out of rotation until a batch of zeros runs on it again (tried at once, then after 1, 2, 4 ... up
+to 30 s): the other instances serve on meanwhile.
 
 The batcher knows nothing of images or HTTP: it batches (C, H, W) arrays for a `run` callable,
 so any route that produces model inputs (the v2 protocol's tensors too) joins the same batches.
 """
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
-
-from service.errors import InferenceFailed, Overloaded, ShuttingDown
 from opentelemetry import context as otel_context
 
 from service import tracing
+from service.errors import InferenceFailed, Overloaded, ShuttingDown
 from service.metrics import PROTOCOL, ModelMetrics
+
+log = logging.getLogger(__name__)
+PROBE_BACKOFF_S = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)    # then every 30 s
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +43,24 @@ class BatchResult:
     queue_s: float                      # from enqueue to the start of its batch
     inference_s: float                  # the batch's session.run
     batch_size: int
+
+
+@dataclass(eq=False)
+class Instance:
+    """One session of a model version: `run` takes a (B, C, H, W) batch and returns the outputs;
+    `probe` runs a batch of zeros (raises while the instance is broken)."""
+    name: str                  # "0", "1", ...: its place in the version
+    device: str                # "cpu" | "cuda:N"
+    run: Callable[[np.ndarray], Sequence[np.ndarray]]
+    probe: Callable[[], object]
+    threads: int | None = None     # intra-op threads (CPU sessions)
+    healthy: bool = True
+    busy: bool = False
+    batches: int = 0
+    failures: int = 0              # in a row; 0 once it runs again
+    last_error: str | None = None
+    idle_since: float = field(default_factory=time.perf_counter)
+    executor: ThreadPoolExecutor | None = None
 
 
 class _Item:
@@ -68,10 +95,11 @@ class Slot:
 
 
 class Batcher:
-    def __init__(self, run: Callable[[np.ndarray], Sequence[np.ndarray]], *, name: str,
-                 input_dtype: np.dtype, max_batch_size: int, max_queue_delay_s: float,
-                 max_queue_size: int, metrics: ModelMetrics):
-        self._run, self.name, self.input_dtype = run, name, np.dtype(input_dtype)
+    def __init__(self, instances: Sequence[Instance], *, name: str, input_dtype: np.dtype,
+                 max_batch_size: int, max_queue_delay_s: float, max_queue_size: int, metrics: ModelMetrics):
+        if not instances:
+            raise ValueError("a batcher needs at least one instance")
+        self.instances, self.name, self.input_dtype = list(instances), name, np.dtype(input_dtype)
         model, _, version = name.rpartition(":")          # "model:version", for the batch spans
         self._model = (model or name, int(version) if version.isdigit() else 0)
         self.max_batch_size, self.max_queue_delay_s = max_batch_size, max_queue_delay_s
@@ -80,13 +108,20 @@ class Batcher:
         self._admitted = 0            # slots taken whose input is not yet in a running batch
         self._wakeup = asyncio.Event()
         self._closing = False
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
+        for instance in self.instances:
+            instance.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}-{instance.name}")
         self._task: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()     # batches being run, and instances being probed
 
     @property
     def depth(self) -> int:
         """Requests admitted and not yet running: being pre-processed or waiting for a batch."""
         return self._admitted
+
+    @property
+    def healthy(self) -> bool:
+        """At least one instance is in rotation."""
+        return any(instance.healthy for instance in self.instances)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._serve(), name=f"batcher-{self.name}")
@@ -95,22 +130,31 @@ class Batcher:
         if self._closing:
             raise ShuttingDown(f"{self.name} is shutting down")
         if self._admitted >= self.max_queue_size:
-            raise Overloaded(f"{self.name}: {self._admitted} requests queued (STEPNET_MAX_QUEUE_SIZE="
+            raise Overloaded(f"{self.name}: {self._admitted} requests queued (max_queue_size="
                              f"{self.max_queue_size}); retry later")
         self._admitted += 1
         return Slot(self)
 
     async def close(self, timeout_s: float) -> None:
-        """Refuse new slots, finish every admitted request (up to timeout_s), stop the thread."""
+        """Refuse new slots, finish every admitted request (up to timeout_s), stop the threads."""
         self._closing = True
         self._wakeup.set()
         if self._task is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout_s)
+                await asyncio.wait_for(asyncio.shield(self._drain()), timeout_s)
             except TimeoutError:
                 self._task.cancel()
             _fail(self._queue, ShuttingDown(f"{self.name} shut down before this request ran"))
-        self._executor.shutdown(wait=False)
+        for task in list(self._running):
+            task.cancel()
+        for instance in self.instances:
+            instance.executor.shutdown(wait=False)
+
+    async def _drain(self) -> None:
+        """Until the batching task has dispatched what was admitted and every batch has run."""
+        await self._task
+        while batches := [t for t in self._running if t.get_name().startswith("batch-")]:
+            await asyncio.gather(*batches, return_exceptions=True)
 
     def _enqueue(self, x: np.ndarray) -> _Item:
         item = _Item(x, asyncio.get_running_loop().create_future())
@@ -127,24 +171,32 @@ class Batcher:
         if self._closing:
             self._wakeup.set()
 
-    async def _serve(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            while not self._queue:
-                if self._closing and self._admitted == 0:
-                    return
-                self._wakeup.clear()
+    async def _wait(self, timeout_s: float | None = None) -> bool:
+        """Until something changes (an input queued, an instance freed); False on the timeout."""
+        self._wakeup.clear()
+        try:
+            async with asyncio.timeout(timeout_s):
                 await self._wakeup.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def _free_instance(self) -> Instance | None:
+        free = [i for i in self.instances if i.healthy and not i.busy]
+        return min(free, key=lambda i: i.idle_since) if free else None
+
+    async def _serve(self) -> None:
+        while True:
+            instance = self._free_instance()
+            if not self._queue or instance is None:
+                if self._closing and self._admitted == 0 and not self._queue:
+                    return
+                await self._wait()
+                continue
             deadline = self._queue[0].enqueued + self.max_queue_delay_s
             while self._queue and len(self._queue) < self.max_batch_size and not self._closing:
                 remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                self._wakeup.clear()
-                try:
-                    async with asyncio.timeout(remaining):
-                        await self._wakeup.wait()
-                except TimeoutError:
+                if remaining <= 0 or not await self._wait(remaining):
                     break
             if not self._queue:
                 continue
@@ -152,33 +204,79 @@ class Batcher:
             for item in items:
                 item.dispatched = True
             self._admitted -= len(items)
-            batch_span = tracing.batch_spans(items, *self._model, time.time_ns())
-            started = time.perf_counter()
-            try:
-                outputs, inference_s = await loop.run_in_executor(self._executor, self._run_batch, items)
-            except asyncio.CancelledError:
-                _fail(items, ShuttingDown(f"{self.name} shut down while this request ran"))
-                raise
-            except Exception as exc:   # a failing session fails its batch, not the service
-                _fail(items, InferenceFailed(f"{self.name}: inference failed: {exc}"))
-                continue
-            for i, item in enumerate(items):
-                if not item.future.done():
-                    item.future.set_result(BatchResult(tuple(out[i] for out in outputs),
-                                                       started - item.enqueued, inference_s, len(items)))
-            self._metrics.observe_batch([item.protocol for item in items])
-            if batch_span is not None:
-                batch_span.end()
-            self._metrics.inference_seconds.observe(inference_s)
+            instance.busy = True
+            task = asyncio.get_running_loop().create_task(self._dispatch(instance, items),
+                                                          name=f"batch-{self.name}-{instance.name}")
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
 
-    def _run_batch(self, items: list[_Item]) -> tuple[Sequence[np.ndarray], float]:
+    async def _dispatch(self, instance: Instance, items: list[_Item]) -> None:
+        batch_span = tracing.batch_spans(items, *self._model, instance.name, instance.device, time.time_ns())
+        started = time.perf_counter()
+        try:
+            outputs, inference_s = await asyncio.get_running_loop().run_in_executor(
+                instance.executor, self._run_batch, instance, items)
+        except asyncio.CancelledError:
+            _fail(items, ShuttingDown(f"{self.name} shut down while this request ran"))
+            raise
+        except Exception as exc:   # a failing session fails its batch, not the service
+            _fail(items, InferenceFailed(f"{self.name}: inference failed: {exc}"))
+            if batch_span is not None:
+                tracing.fail(batch_span, exc)
+            self._take_out(instance, exc)
+            return
+        finally:
+            instance.busy, instance.idle_since = False, time.perf_counter()
+            self._wakeup.set()
+        instance.batches += 1
+        for i, item in enumerate(items):
+            if not item.future.done():
+                item.future.set_result(BatchResult(tuple(out[i] for out in outputs),
+                                                   started - item.enqueued, inference_s, len(items)))
+        self._metrics.observe_batch([item.protocol for item in items])
+        if batch_span is not None:
+            batch_span.end()
+        self._metrics.inference_seconds(instance.name, instance.device).observe(inference_s)
+
+    def _take_out(self, instance: Instance, exc: Exception) -> None:
+        """Out of rotation until a batch of zeros runs on it again; the others serve meanwhile."""
+        instance.healthy, instance.last_error = False, f"{type(exc).__name__}: {exc}"
+        self._metrics.instance_failures(instance.name, instance.device).inc()
+        others = sum(i.healthy for i in self.instances)
+        log.error("%s instance %s (%s) failed a batch (%s); out of rotation, %d other(s) serving",
+                  self.name, instance.name, instance.device, instance.last_error, others)
+        task = asyncio.get_running_loop().create_task(self._probe(instance),
+                                                      name=f"probe-{self.name}-{instance.name}")
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _probe(self, instance: Instance) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closing:
+            await asyncio.sleep(PROBE_BACKOFF_S[min(instance.failures, len(PROBE_BACKOFF_S) - 1)])
+            instance.failures += 1
+            try:
+                await loop.run_in_executor(instance.executor, instance.probe)
+            except Exception as exc:
+                instance.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("%s instance %s (%s) still fails (%s); next try in %.0f s", self.name,
+                            instance.name, instance.device, instance.last_error,
+                            PROBE_BACKOFF_S[min(instance.failures, len(PROBE_BACKOFF_S) - 1)])
+                continue
+            instance.healthy, instance.failures = True, 0
+            log.info("%s instance %s (%s) runs again; back in rotation", self.name, instance.name,
+                     instance.device)
+            self._wakeup.set()
+            return
+
+    def _run_batch(self, instance: Instance, items: list[_Item]) -> tuple[Sequence[np.ndarray], float]:
         first = items[0].x
         if len(items) == 1 and first.dtype == self.input_dtype:
             batch = first[None]                                  # (1, C, H, W) view, no copy
         else:
             batch = np.stack([item.x for item in items], dtype=self.input_dtype)   # (B, C, H, W)
         started = time.perf_counter()
-        outputs = self._run(batch)
+        outputs = instance.run(batch)
         return outputs, time.perf_counter() - started
 
 

@@ -8,7 +8,7 @@ from stepnet.errors import UserError
 def _cmd_serve(args) -> int:
     from pydantic import ValidationError
 
-    from service.core.config import Settings
+    from service.core.config import Settings, parse_device
     from service.errors import ModelLoadError
     from service.metrics import Metrics
     from service.repository import Repository
@@ -24,11 +24,11 @@ def _cmd_serve(args) -> int:
         Repository(settings, Metrics()).discover()
     except ModelLoadError as exc:
         raise UserError(f"{exc.message} (`make model` exports the default model)") from None
-    if settings.device == "cuda":   # no usable GPU: exit here rather than start and never be ready
+    if parse_device(settings.device)[0] == "cuda":   # no usable GPU: exit here, not start and never be ready
         from service.runtime import choose_device
 
         try:
-            choose_device("cuda")
+            choose_device(settings.device)
         except ModelLoadError as exc:
             raise UserError(f"{exc.message}; STEPNET_DEVICE=auto falls back to the CPU provider") from None
 

@@ -1,7 +1,8 @@
 """Bringing one model version up, off the event loop: read model.json, check the graph file
-against its sha256 and size, create the ONNX Runtime session on the device chosen once per
-process, check the graph's input and output names, and warm every batch size the batcher can form
-while checking the output shapes the metadata implies. Whatever fails raises ModelLoadError, and
+against its sha256 and size, create its ONNX Runtime sessions (its instances: the model's
+`instances` on each device chosen once per process, service.runtime), check the graph's input and
+output names, and warm every batch size the batcher can form on every instance while checking the
+output shapes the metadata implies. Whatever fails raises ModelLoadError, and
 nothing is published (service.repository decides what to load; this module only loads)."""
 
 import asyncio
@@ -13,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from service.core.config import Settings
+from service.core.config import DEFAULT_CPU_INSTANCES, DEFAULT_GPU_INSTANCES, Settings
 from service.errors import ModelLoadError
 from service.metadata import ModelMetadata, read_metadata
 from service.metrics import Metrics
 from service.runtime import Device, Session, choose_device
 from service.served import ServedModel
+from service.serving_config import ServingConfig
 from stepnet.repository import MODEL_FILE, VARIANT_FILES
 
 log = logging.getLogger(__name__)
@@ -36,25 +38,40 @@ class Loader:
     async def read(self, folder: Path) -> ModelMetadata:
         return await asyncio.to_thread(read_metadata, folder)
 
-    async def open(self, meta: ModelMetadata, folder: Path) -> ServedModel:
-        file, session = await asyncio.to_thread(self._open, meta, folder)
-        return ServedModel(meta, file, session, self.settings,
+    async def open(self, meta: ModelMetadata, folder: Path, config: ServingConfig) -> ServedModel:
+        file, sessions = await asyncio.to_thread(self._open, meta, folder, config)
+        return ServedModel(meta, file, sessions, config, self.settings,
                            self.metrics.for_model(meta.name, meta.version), self._pool)
 
-    def _open(self, meta: ModelMetadata, folder: Path) -> tuple[str, Session]:
+    def _open(self, meta: ModelMetadata, folder: Path, config: ServingConfig) -> tuple[str, list[Session]]:
+        return open_version(meta, folder, self.settings, self.device, config)
+
+    @property
+    def device(self) -> Device:
         if self._device is None:
             self._device = choose_device(self.settings.device)
-        return open_version(meta, folder, self.settings, self._device)
+        return self._device
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def open_version(meta: ModelMetadata, folder: Path, settings: Settings, device: Device) -> tuple[str, Session]:
-    """-> the graph file served and its warm session. Blocking: run it in a thread."""
+def placements(device: Device, settings: Settings, instances: int | None) -> list[tuple[int | None, int]]:
+    """(GPU ordinal or None for the CPU, intra-op threads) of each instance of a model version:
+    `instances` (or the default) on each device, in device order."""
+    if device.kind == "cuda":
+        count = instances or DEFAULT_GPU_INSTANCES
+        return [(gpu, settings.threads_per_instance(count)) for gpu in device.gpus for _ in range(count)]
+    count = instances or DEFAULT_CPU_INSTANCES
+    return [(None, settings.threads_per_instance(count))] * count
+
+
+def open_version(meta: ModelMetadata, folder: Path, settings: Settings, device: Device,
+                 config: ServingConfig) -> tuple[str, list[Session]]:
+    """-> the graph file served and its warm sessions, one per instance. Blocking: run it in a thread."""
     label = f"{meta.name}:{meta.version}"
     started = time.perf_counter()
-    file = pick_file(meta, folder, settings.variant)
+    file = pick_file(meta, folder, config.variant)
     where = f"{meta.name}/{meta.version}/{file}"           # what clients may see: no paths
     try:
         model = (folder / file).read_bytes()
@@ -65,11 +82,15 @@ def open_version(meta: ModelMetadata, folder: Path, settings: Settings, device: 
         raise ModelLoadError(f"{where}: size or sha256 differs from model.json (file truncated or "
                              f"altered, or still being copied)")
     outputs = (meta.outputs.logits, meta.outputs.step_size, meta.outputs.nsi)
-    session = Session(model, device, settings.intra_op_threads, outputs, label)
-    _warm_up(session, meta, label, settings.max_batch_size)
-    log.info("%s: %s ready in %.1f s (batch sizes 1..%d warm)", label, file,
-             time.perf_counter() - started, settings.max_batch_size)
-    return file, session
+    sessions = []
+    for i, (gpu, threads) in enumerate(placements(device, settings, config.instances)):
+        session = Session(model, device, gpu, threads, outputs, f"{label} instance {i}")
+        _warm_up(session, meta, f"{label} instance {i}", config.max_batch_size)
+        sessions.append(session)
+    log.info("%s: %s ready in %.1f s: %d instance(s) on %s, batch sizes 1..%d warm (%s)", label, file,
+             time.perf_counter() - started, len(sessions), ", ".join(sorted({s.device for s in sessions})),
+             config.max_batch_size, config.source)
+    return file, sessions
 
 
 def pick_file(meta: ModelMetadata, folder: Path, variant: str) -> str:

@@ -5,6 +5,8 @@ Request-path metrics are observed where they happen; everything that is a readin
 """
 
 import contextvars
+import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -14,6 +16,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from service.observability import log_access
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -27,10 +31,18 @@ class ModelMetrics:
     """The histograms of one model version, with their labels bound once."""
     queue_seconds: Histogram
     preprocess_seconds: Histogram
-    inference_seconds: Histogram
     batch_size: Histogram
     batch_rows: dict[str, Counter]      # by protocol
     mixed_batches: Counter
+    _inference: Histogram               # the families with instance and device labels
+    _instance_failures: Counter
+    _labels: tuple[str, str]
+
+    def inference_seconds(self, instance: str, device: str) -> Histogram:
+        return self._inference.labels(*self._labels, instance, device)
+
+    def instance_failures(self, instance: str, device: str) -> Counter:
+        return self._instance_failures.labels(*self._labels, instance, device)
 
     def observe_batch(self, protocols: list[str]) -> None:
         """One batch, given the protocol of each of its rows."""
@@ -71,8 +83,13 @@ class Metrics:
                                 model, buckets=LATENCY_BUCKETS, registry=reg)
         self._preprocess = Histogram("stepnet_preprocess_seconds", "Image decode and pre-processing time",
                                      model, buckets=LATENCY_BUCKETS, registry=reg)
-        self._inference = Histogram("stepnet_inference_seconds", "session.run time of one batch",
-                                    model, buckets=LATENCY_BUCKETS, registry=reg)
+        instance = [*model, "instance", "device"]
+        self._inference = Histogram("stepnet_inference_seconds", "session.run time of one batch, by "
+                                    "the instance (and its device: cpu, cuda:N) that ran it",
+                                    instance, buckets=LATENCY_BUCKETS, registry=reg)
+        self._instance_failures = Counter("stepnet_instance_failures", "Batches that failed on an "
+                                          "instance (it is then out of rotation until it runs again)",
+                                          instance, registry=reg)
         self._batch = Histogram("stepnet_batch_size", "Requests per batch", model,
                                 buckets=BATCH_BUCKETS, registry=reg)
         self._batch_rows = Counter("stepnet_batch_rows", "Rows run in batches, by the protocol of "
@@ -83,9 +100,9 @@ class Metrics:
     def for_model(self, name: str, version: int) -> ModelMetrics:
         labels = (name, str(version))
         return ModelMetrics(self._queue.labels(*labels), self._preprocess.labels(*labels),
-                            self._inference.labels(*labels), self._batch.labels(*labels),
+                            self._batch.labels(*labels),
                             {p: self._batch_rows.labels(*labels, p) for p in PROTOCOLS},
-                            self._mixed.labels(*labels))
+                            self._mixed.labels(*labels), self._inference, self._instance_failures, labels)
 
     def observe_request(self, endpoint: str, status: int, seconds: float, protocol: str) -> None:
         self.requests.labels(endpoint, str(status), protocol).inc()
@@ -109,6 +126,11 @@ class StateCollector(Collector):
         depth = GaugeMetricFamily("stepnet_queue_depth",
                                   "Requests admitted and not yet running (pre-processing or queued)",
                                   labels=["model", "version"])
+        instance = ["model", "version", "instance", "device"]
+        up = GaugeMetricFamily("stepnet_instance_up", "1 while the instance is in rotation, 0 while "
+                               "it is out after a failed batch", labels=instance)
+        busy = GaugeMetricFamily("stepnet_instance_busy", "1 while the instance runs a batch",
+                                 labels=instance)
         layer = ["model", "version", "layer"]
         step = GaugeMetricFamily("stepnet_layer_step_size_mean",
                                  "Live mean step size over the default /stiffness window", labels=layer)
@@ -120,6 +142,9 @@ class StateCollector(Collector):
             labels = [served.name, str(served.version)]
             info.add_metric([*labels, served.provider, served.file], 1)
             depth.add_metric(labels, served.batcher.depth)
+            for one in served.batcher.instances:
+                up.add_metric([*labels, one.name, one.device], float(one.healthy))
+                busy.add_metric([*labels, one.name, one.device], float(one.busy))
             for row in served.stiffness.summary().layers:
                 if row.live.count == 0:
                     continue
@@ -129,29 +154,46 @@ class StateCollector(Collector):
                     nsi.add_metric([*labels, row.name], row.live.nsi_mean)
                 if row.drift is not None:
                     drift.add_metric([*labels, row.name], row.drift)
-        yield from (info, depth, step, nsi, drift)
+        yield from (info, depth, up, busy, step, nsi, drift)
 
 
 class GpuCollector(Collector):
-    """GPU memory and utilization through NVML (nvidia-ml-py), registered on CUDA hosts only."""
+    """Memory and utilization of the GPUs the instances run on, through NVML (nvidia-ml-py),
+    registered on CUDA hosts only. `device` is the CUDA ordinal the instances use (cuda:N, as in
+    stepnet_inference_seconds), `gpu` NVML's index of the same card: they differ where
+    CUDA_VISIBLE_DEVICES picks cards. NVML cannot split a card's memory between the sessions on
+    it, so these are per device, not per instance."""
 
-    def __init__(self):
+    def __init__(self, gpus: Iterable[int]):
         import pynvml
 
         pynvml.nvmlInit()
         self._nvml = pynvml
-        self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        entries = [e.strip() for e in visible.split(",")] if visible else None
+        self._handles = []
+        for ordinal in gpus:
+            entry = entries[ordinal] if entries else str(ordinal)
+            try:
+                handle = (pynvml.nvmlDeviceGetHandleByIndex(int(entry)) if entry.isdigit()
+                          else pynvml.nvmlDeviceGetHandleByUUID(entry))
+                index = pynvml.nvmlDeviceGetIndex(handle)
+            except pynvml.NVMLError as exc:
+                log.warning("no GPU gauges for cuda:%d (CUDA_VISIBLE_DEVICES entry %s): %s", ordinal, entry, exc)
+                continue
+            self._handles.append((f"cuda:{ordinal}", str(index), handle))
 
     def collect(self) -> Iterator[Metric]:
-        used = GaugeMetricFamily("stepnet_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
-        total = GaugeMetricFamily("stepnet_gpu_memory_total_bytes", "GPU memory", labels=["gpu"])
+        labels = ["device", "gpu"]
+        used = GaugeMetricFamily("stepnet_gpu_memory_used_bytes", "GPU memory in use", labels=labels)
+        total = GaugeMetricFamily("stepnet_gpu_memory_total_bytes", "GPU memory", labels=labels)
         util = GaugeMetricFamily("stepnet_gpu_utilization_ratio",
-                                 "Fraction of the last sample period the GPU was busy", labels=["gpu"])
-        for i, handle in enumerate(self._handles):
+                                 "Fraction of the last sample period the GPU was busy", labels=labels)
+        for device, index, handle in self._handles:
             memory = self._nvml.nvmlDeviceGetMemoryInfo(handle)
-            used.add_metric([str(i)], memory.used)
-            total.add_metric([str(i)], memory.total)
-            util.add_metric([str(i)], self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
+            used.add_metric([device, index], memory.used)
+            total.add_metric([device, index], memory.total)
+            util.add_metric([device, index], self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
         yield from (used, total, util)
 
 

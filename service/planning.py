@@ -3,8 +3,9 @@ what was refused and what an admin holds. service.repository scans, then asks pl
 does the first load, and asks again (a load that fails changes the answer: the next older version
 is tried instead), until nothing is left to load; then it retires what the plan leaves out.
 
-The rules, newest version first, until STEPNET_MAX_VERSIONS serve:
-- a version held by an admin is skipped;
+The rules, newest version first, until the model's version policy is met (serving.json, else
+the newest STEPNET_MAX_VERSIONS; `all`: no limit; `specific`: only the versions it lists):
+- a version held by an admin, or not allowed by the policy, is skipped;
 - a version serving unchanged keeps serving, and so does one whose folder is gone (only an admin
   unload takes it out);
 - a version refused with these very files is not tried again; if an older export of it serves,
@@ -12,7 +13,7 @@ The rules, newest version first, until STEPNET_MAX_VERSIONS serve:
 - when settling (polling), a version whose files changed since the previous scan is waited for
   (a copy in place is still running); an older export of it serves on meanwhile;
 - anything else is loaded.
-Serving versions beyond the newest STEPNET_MAX_VERSIONS that serve are retired.
+Serving versions the policy leaves out are retired.
 """
 
 from dataclasses import dataclass, field
@@ -38,12 +39,13 @@ class ModelView:
     previous_scan: dict[int, Signature] | None = None    # None: do not wait for changing files
 
 
-def plan(view: ModelView, max_versions: int) -> Plan:
+def plan(view: ModelView, max_versions: int | None, allowed: frozenset[int] | None = None) -> Plan:
+    """max_versions: None for no limit; allowed: the only versions to serve (None: any)."""
     load, serving, waiting = [], [], []
     for version in sorted(view.on_disk.keys() | view.serving.keys(), reverse=True):
-        if len(serving) + len(load) == max_versions:
+        if max_versions is not None and len(serving) + len(load) == max_versions:
             break
-        if version in view.held:
+        if version in view.held or (allowed is not None and version not in allowed):
             continue
         on_disk, in_memory = view.on_disk.get(version), view.serving.get(version)
         if in_memory is not None and (on_disk is None or on_disk == in_memory):

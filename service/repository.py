@@ -4,13 +4,17 @@ process serves.
     <root>/<model>/<version>/model.onnx (+ model.fp16.onnx, model.int8.onnx) and model.json
 
 sync() brings one model in line with its folder, at start-up, on every poll
-(STEPNET_REPOSITORY_POLL_S) and on an admin load: it scans the folder, asks service.planning what
-to do, loads the first version the plan names (service.loader: read, verified, warmed beside the
+(STEPNET_REPOSITORY_POLL_S) and on an admin load: it reads the model's serving.json
+(service.serving_config), scans the folder, asks service.planning what to do, loads the first version the plan names (service.loader: read, verified, warmed beside the
 ones serving, then published in one step of the event loop), and asks again, until nothing is left
 to load; then it retires what the plan leaves out (the requests that hold a version finish first:
 service.served). A version that cannot be served is refused with a log line and a count in
-stepnet_model_load_failures_total, and is not tried again until its folder changes. A load that
-fails while the files change under it is not a failure: the copy is still running.
+stepnet_model_load_failures_total, and is not tried again until its folder (or serving.json)
+changes. A load that fails while the files change under it is not a failure: the copy is still
+running. A version's signature is its folder's and the serving configuration it loads with, so a
+changed serving.json reloads the versions it changes (new beside old, as a re-export). An invalid
+serving.json refuses its model: nothing of it loads, the versions already serving serve on (with
+the configuration they have), until the file changes.
 
 What clients see of a refused version (the index, a 404) is its public reason: names, versions
 and what is wrong, never a path on this host or a library's message; the log has those.
@@ -28,8 +32,10 @@ from service.errors import (BadRequest, InvalidParameter, ModelLoadError, ModelN
 from service.loader import Loader
 from service.metadata import ModelMetadata
 from service.metrics import Metrics
+from service import serving_config
 from service.planning import ModelView, plan
 from service.served import ServedModel
+from service.serving_config import ServingConfig, file_signature
 from stepnet.repository import METADATA_FILE, MODEL_NAME_RULE, VersionState, is_version, valid_model_name
 
 log = logging.getLogger(__name__)
@@ -77,7 +83,7 @@ class ModelVersion:
     name: str
     version: int
     folder: Path
-    signature: tuple
+    signature: tuple                       # (its folder's signature, its serving config's load_key)
     meta: ModelMetadata | None = None      # None until model.json has been read
     state: VersionState = State.LOADING
     error: str | None = None               # why it failed, or why it is not served
@@ -92,6 +98,8 @@ class Repository:
         self.default_model: str | None = None
         self._models: dict[str, dict[int, ModelVersion]] = {}
         self._refused: dict[tuple[str, int], tuple] = {}    # (model, version) -> the files refused
+        self._configs: dict[str, tuple] = {}     # model -> (serving.json signature, config or None, error)
+        self._configs_seen: dict[str, tuple | None] = {}    # model -> serving.json at the previous poll
         self._held_models: set[str] = set()                 # unloaded whole by an admin
         self._held_versions: set[tuple[str, int]] = set()   # single versions unloaded by an admin
         self._scanned: dict[str, dict[int, tuple]] = {}      # the previous scan, per model
@@ -137,24 +145,76 @@ class Repository:
                 log.exception("repository poll failed; trying again in %g s", interval_s)
 
     async def sync(self, name: str, settle: bool = False) -> None:
-        """Serve the newest STEPNET_MAX_VERSIONS versions of `name` that load (service.planning).
-        With `settle` (polling), a version whose folder changed since the previous scan waits."""
+        """Serve the versions of `name` its version policy asks for, that load (service.planning).
+        With `settle` (polling), a version whose folder changed since the previous scan waits, and
+        so does a serving.json that changed since then."""
         async with self._locks.setdefault(name, asyncio.Lock()):
             if name in self._held_models:
                 return
+            config = await self._config(name, settle)
             on_disk = await asyncio.to_thread(scan_versions, self.root / name)
             previous, self._scanned[name] = self._scanned.get(name, {}), on_disk
             versions = self._models.setdefault(name, {})
             self._changing = {(n, v) for n, v in self._changing if n != name}
+            if config is None:               # serving.json invalid: what serves serves on, nothing loads
+                self._refuse_unserved(name, on_disk)
+                return
+            key = config.load_key
+            on_disk = {v: (sig, key) for v, sig in on_disk.items()}
+            previous = {v: (sig, key) for v, sig in previous.items()}
+            count, allowed = config.versions
             while True:
-                todo = plan(self._view(name, on_disk, previous if settle else None), self.settings.max_versions)
+                todo = plan(self._view(name, on_disk, previous if settle else None), count, allowed)
                 self._changing |= {(name, v) for v in todo.waiting}
                 if not todo.load:
                     break
-                await self._load(name, todo.load[0], on_disk[todo.load[0]])
+                await self._load(name, todo.load[0], on_disk[todo.load[0]], config)
+            reason = (f"newer versions serve (STEPNET_MAX_VERSIONS={self.settings.max_versions})"
+                      if config.policy_source == "environment" else
+                      f"not in {serving_config.SERVING_FILE}'s version_policy ({config.version_policy.describe()})")
             for version in todo.retire:
-                self._retire(versions[version], f"newer versions serve (STEPNET_MAX_VERSIONS="
-                                                f"{self.settings.max_versions})")
+                self._retire(versions[version], reason)
+
+    async def _config(self, name: str, settle: bool) -> ServingConfig | None:
+        """The model's serving configuration, read when serving.json changed (and, when settling,
+        has stayed unchanged for one poll); None while the file is invalid, refused once per
+        change with a log line and a load failure count."""
+        model_dir = self.root / name
+        signature = await asyncio.to_thread(file_signature, model_dir)
+        known = self._configs.get(name)
+        if known is not None and known[0] == signature:
+            return known[1]
+        if settle and known is not None and self._configs_seen.get(name) != signature:
+            self._configs_seen[name] = signature            # changed since the last poll: wait one
+            return known[1]
+        self._configs_seen[name] = signature
+        try:
+            config = await asyncio.to_thread(serving_config.read, model_dir, self.settings)
+        except ModelLoadError as exc:
+            self._configs[name] = (signature, None, exc.public)
+            self.metrics.load_failures.labels(name).inc()
+            log.error("refused model %s: %s; %s", name, exc.message,
+                      "the versions serving serve on, with the configuration they have"
+                      if self.versions(name) else "none of its versions is loaded")
+            return None
+        if known is not None:
+            log.info("%s: %s changed; versions it affects are reloaded", name, serving_config.SERVING_FILE)
+        self._configs[name] = (signature, config, None)
+        return config
+
+    def config_error(self, name: str) -> str | None:
+        """Why the model's serving.json was refused (public), or None."""
+        return self._configs.get(name, (None, None, None))[2]
+
+    def _refuse_unserved(self, name: str, on_disk: dict[int, tuple]) -> None:
+        """The versions on disk that do not serve are listed as failed, with the file's error."""
+        versions = self._models[name]
+        for version, signature in on_disk.items():
+            record = versions.get(version)
+            if record is None or record.state in (State.FAILED, State.UNLOADED):
+                versions[version] = ModelVersion(name, version, self.root / name / str(version), (signature, None),
+                                                 state=State.FAILED, error=self.config_error(name),
+                                                 meta=record.meta if record else None)
 
     def _view(self, name: str, on_disk: dict[int, tuple], previous: dict[int, tuple] | None) -> ModelView:
         versions = self._models.get(name, {})
@@ -164,7 +224,7 @@ class Repository:
             refused={v: sig for (n, v), sig in self._refused.items() if n == name},
             held=frozenset(v for n, v in self._held_versions if n == name))
 
-    async def _load(self, name: str, version: int, signature: tuple) -> bool:
+    async def _load(self, name: str, version: int, signature: tuple, config: ServingConfig) -> bool:
         versions = self._models[name]
         for counter in (self.metrics.loads, self.metrics.load_failures):
             counter.labels(name)               # exported as 0 from the first load on, not absent
@@ -174,7 +234,7 @@ class Repository:
             versions[version] = record         # listed as loading; a ready one it replaces serves on
         try:
             record.meta = await self.loader.read(record.folder)
-            served = await self.loader.open(record.meta, record.folder)
+            served = await self.loader.open(record.meta, record.folder, config)
         except asyncio.CancelledError:
             record.state, record.error = State.FAILED, "loading was cancelled"
             raise
@@ -187,7 +247,9 @@ class Repository:
         self._refused.pop((name, version), None)
         self.metrics.loads.labels(name).inc()
         if replaced is not None and replaced.state is State.READY:
-            self._retire(replaced, "replaced by a new export of the same version")
+            self._retire(replaced, "replaced by a new export of the same version"
+                         if replaced.signature[0] != signature[0] else f"reloaded with its model's changed "
+                         f"{serving_config.SERVING_FILE}")
         log.info("serving %s:%s (%s)", name, version, served.provider)
         return True
 
@@ -195,7 +257,7 @@ class Repository:
         """A load that failed: refused and counted, unless its files changed while it ran (a copy
         still in progress, tried again once they settle)."""
         name, version = record.name, record.version
-        if folder_signature(record.folder) != record.signature:
+        if folder_signature(record.folder) != record.signature[0]:
             self._changing.add((name, version))
             self._refused[(name, version)] = record.signature     # these files: not again
             if replaced is None or replaced.state is not State.READY:
@@ -235,7 +297,10 @@ class Repository:
         self._held_models.discard(name)
         self._held_versions = {held for held in self._held_versions if held[0] != name}
         self._refused = {key: sig for key, sig in self._refused.items() if key[0] != name}
+        self._configs.pop(name, None)
         await self.sync(name)
+        if self.config_error(name) is not None and not self.versions(name):
+            raise ModelLoadError(f"{name}: {self.config_error(name)}")
         records = self._models.get(name, {}).values()
         if not any(r.state is State.READY for r in records):
             reasons = "; ".join(f"version {r.version}: {r.error}" for r in records if r.state is State.FAILED)

@@ -1,18 +1,24 @@
-"""ONNX Runtime: which execution provider, session options, and one batch through a session.
+"""ONNX Runtime: which devices, session options, and one batch through a session.
 
-STEPNET_DEVICE=auto takes the CUDA provider only when it really loads and falls back to the CPU
-provider otherwise; the log says which and why. CUDA sessions use cudnn_conv_algo_search=HEURISTIC
-(EXHAUSTIVE makes every new batch shape take seconds) and IO binding; CPU sessions use one
-intra-op thread per core.
+STEPNET_DEVICE is `auto`, `cpu`, `cuda` (every visible GPU) or a list of GPUs (`cuda:0,1,3`, or
+`cuda:0,cuda:1`). `auto` takes the CUDA provider on every visible GPU only when one exists and
+the provider is in this onnxruntime build, and the CPU otherwise; the log says which and why.
+Each model version then gets STEPNET_INSTANCES sessions on each of those devices (Triton's
+instance groups, service.batcher runs them concurrently). CUDA sessions are bound to their GPU
+through the provider's device_id, use cudnn_conv_algo_search=HEURISTIC (EXHAUSTIVE makes every new
+batch shape take seconds) and IO binding; CPU sessions share the cores between them
+(service.core.config.Settings.threads_per_instance).
 """
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
+from service.core.config import parse_device
 from service.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -23,40 +29,72 @@ _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 @dataclass(frozen=True)
 class Device:
-    kind: str          # "cuda" | "cpu"
-    reason: str        # why: shown in the log
-    strict: bool = False   # STEPNET_DEVICE=cuda: no fallback to the CPU
+    kind: str                  # "cuda" | "cpu"
+    reason: str                # why: shown in the log
+    strict: bool = False       # STEPNET_DEVICE=cuda...: no fallback to the CPU
+    gpus: tuple[int, ...] = ()     # CUDA ordinals the instances go to (as CUDA_VISIBLE_DEVICES numbers them)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The devices as /models and /metrics label them: cpu, or cuda:N per GPU."""
+        return tuple(f"cuda:{i}" for i in self.gpus) if self.kind == "cuda" else ("cpu",)
+
+
+def visible_gpus() -> tuple[int, str]:
+    """(how many GPUs CUDA will number for this process, why). CUDA_VISIBLE_DEVICES narrows what
+    NVML sees (NVML ignores it); an entry CUDA cannot parse ends the list, as in CUDA itself."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        count = pynvml.nvmlDeviceGetCount()
+    except Exception as exc:   # no driver, no library: NVML says why in its message
+        return 0, f"no NVIDIA GPU ({type(exc).__name__}: {exc})"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        entries = [e.strip() for e in visible.split(",")]
+        usable = []
+        for entry in entries:
+            if not entry or entry.startswith("-") or not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):
+                break
+            usable.append(entry)
+        count = min(count, len(usable))
+        return count, f"{count} NVIDIA GPU(s) visible (CUDA_VISIBLE_DEVICES={visible})"
+    return count, f"{count} NVIDIA GPU(s) found" if count else "NVML sees no NVIDIA GPU"
 
 
 def choose_device(requested: str) -> Device:
-    """Resolve STEPNET_DEVICE once per process: auto -> cuda when a GPU and the provider exist."""
-    if requested == "cpu":
+    """Resolve STEPNET_DEVICE once per process: auto -> every visible GPU when a GPU and the
+    provider exist, else the CPU. A GPU asked for by number must exist."""
+    kind, ids = parse_device(requested)
+    if kind == "cpu":
         return Device("cpu", "STEPNET_DEVICE=cpu")
+    count = 0
     if CUDA not in ort.get_available_providers():
         reason = "this onnxruntime build has no CUDA provider"
     else:
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            count = pynvml.nvmlDeviceGetCount()
-            reason = f"{count} NVIDIA GPU(s) found" if count else "NVML sees no NVIDIA GPU"
-        except Exception as exc:   # no driver, no library: NVML says why in its message
-            count, reason = 0, f"no NVIDIA GPU ({type(exc).__name__}: {exc})"
-        if count:
-            return Device("cuda", f"STEPNET_DEVICE={requested}: {reason}", strict=requested == "cuda")
-    if requested == "cuda":
-        raise ModelLoadError(f"STEPNET_DEVICE=cuda, but {reason}")
+        count, reason = visible_gpus()
+    if count:
+        missing = [i for i in ids or () if i >= count]
+        if missing:
+            raise ModelLoadError(f"STEPNET_DEVICE={requested}: no GPU {', '.join(map(str, missing))} "
+                                 f"({reason}; numbered from 0)")
+        return Device("cuda", f"STEPNET_DEVICE={requested}: {reason}", strict=kind == "cuda",
+                      gpus=ids or tuple(range(count)))
+    if kind == "cuda":
+        raise ModelLoadError(f"STEPNET_DEVICE={requested}, but {reason}")
     return Device("cpu", f"STEPNET_DEVICE=auto: {reason}")
 
 
 class Session:
     """One ONNX model on one provider: run() takes a (B, C, H, W) batch, returns the outputs."""
 
-    def __init__(self, model: bytes, device: Device, intra_op_threads: int, output_names: Sequence[str],
-                 label: str):
-        self.session = _create(model, device, intra_op_threads, label)
+    def __init__(self, model: bytes, device: Device, gpu: int | None, intra_op_threads: int,
+                 output_names: Sequence[str], label: str):
+        self.session = _create(model, device, gpu, intra_op_threads, label)
         self.provider = self.session.get_providers()[0]
+        self.device = f"cuda:{gpu or 0}" if self.provider == CUDA else "cpu"
+        self.threads = None if self.provider == CUDA else intra_op_threads
         self.output_names = list(output_names)
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
@@ -95,9 +133,11 @@ def session_options(intra_op_threads: int | None) -> ort.SessionOptions:
     return options
 
 
-def _create(model: bytes, device: Device, intra_op_threads: int, label: str) -> ort.InferenceSession:
+def _create(model: bytes, device: Device, gpu: int | None, intra_op_threads: int,
+            label: str) -> ort.InferenceSession:
     if device.kind == "cuda":
-        cuda_options = {"cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": True}
+        cuda_options = {"device_id": gpu or 0, "cudnn_conv_algo_search": "HEURISTIC",
+                        "do_copy_in_default_stream": True}
         try:
             session = ort.InferenceSession(model, session_options(None),
                                            providers=[(CUDA, cuda_options), CPU])
@@ -105,7 +145,7 @@ def _create(model: bytes, device: Device, intra_op_threads: int, label: str) -> 
             raise ModelLoadError(f"{label}: onnxruntime cannot load the model: {exc}",
                                  f"{label}: onnxruntime cannot load the model") from None
         if session.get_providers()[0] == CUDA:
-            log.info("%s: %s (%s)", label, CUDA, device.reason)
+            log.info("%s: %s on cuda:%d (%s)", label, CUDA, gpu or 0, device.reason)
             return session
         if device.strict:
             raise ModelLoadError(f"{label}: STEPNET_DEVICE=cuda, but the CUDA provider did not load "

@@ -88,12 +88,37 @@ class StiffnessResponse(BaseModel):
     stages: list[StageStiffness]
 
 
+class InstanceInfo(BaseModel):
+    """One ONNX Runtime session of a served version (Triton's model instance)."""
+    name: str = Field(description="its place in the version: 0, 1, ...; the `instance` label in /metrics")
+    device: str = Field(description="cpu or cuda:N; the `device` label in /metrics")
+    provider: str
+    threads: int | None = Field(description="intra-op threads (CPU sessions)")
+    healthy: bool = Field(description="in rotation; false after a failed batch until it runs again")
+    busy: bool = Field(description="running a batch now")
+    batches: int = Field(description="batches it has run")
+    last_error: str | None = Field(description="why it last failed, if it has")
+
+
+class ServingInfo(BaseModel):
+    """The serving configuration the version was loaded with (serving.json over STEPNET_*)."""
+    source: str = Field(description="environment, or serving.json where the model has one")
+    max_batch_size: int
+    max_queue_delay_ms: float
+    max_queue_size: int
+    variant: str
+    version_policy: str = Field(description="latest N, all, or versions a, b, ...")
+
+
 class ModelVersionInfo(ModelMetadata):
     """A version's model.json (all of it) and how this process serves it."""
     default: bool = Field(description="served when a request names no model")
     state: str = Field(description="loading | ready | failed | unloading | unloaded")
-    provider: str | None = Field(description="ONNX Runtime execution provider")
+    error: str | None = Field(None, description="why it failed or is not served")
+    provider: str | None = Field(description="ONNX Runtime execution provider (of its first instance)")
     file: str = Field(description="the ONNX file served (a variant where configured)")
+    instances: list[InstanceInfo] = Field(default_factory=list, description="its sessions, while it serves")
+    serving: ServingInfo | None = Field(None, description="while it serves")
 
 
 class ModelsResponse(BaseModel):

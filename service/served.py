@@ -1,5 +1,6 @@
-"""One loaded model version: metadata, ONNX Runtime session, pre-processing, batcher and live
-stiffness statistics, and the leases that let it be retired safely.
+"""One loaded model version: metadata, its ONNX Runtime sessions (instances), the serving
+configuration it was loaded with, pre-processing, batcher and live stiffness statistics, and the
+leases that let it be retired safely.
 
 A request takes a lease on the version it resolved (service.api.deps) and holds it until it has
 its answer. Retiring a version (hot reload, unload) first waits for its leases to end, then drains
@@ -12,36 +13,45 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, contextmanager, nullcontext
+from functools import partial
 
 import numpy as np
 
 from service import tracing
-from service.batcher import Batcher, BatchResult, Slot
+from service.batcher import Batcher, BatchResult, Instance, Slot
 from service.core.config import Settings
 from service.metadata import ModelMetadata
 from service.metrics import ModelMetrics
 from service.preprocess import Preprocessor
 from service.runtime import Session
+from service.serving_config import ServingConfig
 from service.stiffness import StiffnessTracker
 
 log = logging.getLogger(__name__)
 
 
 class ServedModel:
-    def __init__(self, meta: ModelMetadata, file: str, session: Session, settings: Settings,
-                 metrics: ModelMetrics, preprocess_pool: ThreadPoolExecutor):
-        self.meta, self.file, self.session = meta, file, session
-        self.name, self.version, self.provider = meta.name, meta.version, session.provider
+    def __init__(self, meta: ModelMetadata, file: str, sessions: Sequence[Session], config: ServingConfig,
+                 settings: Settings, metrics: ModelMetrics, preprocess_pool: ThreadPoolExecutor):
+        self.meta, self.file, self.sessions, self.config = meta, file, list(sessions), config
+        self.name, self.version, self.provider = meta.name, meta.version, self.sessions[0].provider
         self.preprocessor = Preprocessor(meta.preprocessing, settings.max_image_pixels)
         self.stiffness = StiffnessTracker(meta, settings.stiffness_history)
         self._metrics, self._pool = metrics, preprocess_pool
-        self.batcher = Batcher(self._run, name=f"{self.name}:{self.version}",
-                               input_dtype=session.input_dtype, max_batch_size=settings.max_batch_size,
-                               max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
-                               max_queue_size=settings.max_queue_size, metrics=metrics)
+        zeros = np.zeros((1, *meta.input.shape), self.sessions[0].input_dtype)
+        instances = [Instance(str(i), session.device, self._runner(session), partial(session.run, zeros),
+                              session.threads) for i, session in enumerate(self.sessions)]
+        self.batcher = Batcher(instances, name=f"{self.name}:{self.version}",
+                               input_dtype=self.sessions[0].input_dtype, max_batch_size=config.max_batch_size,
+                               max_queue_delay_s=config.max_queue_delay_ms / 1000.0,
+                               max_queue_size=config.max_queue_size, metrics=metrics)
         self._leases = 0
         self._idle = asyncio.Event()
         self._idle.set()
+
+    @property
+    def max_request_rows(self) -> int:
+        return self.config.max_request_rows
 
     # ------------------------------------------------------------ inference
 
@@ -91,10 +101,12 @@ class ServedModel:
             self._metrics.queue_seconds.observe(result.queue_s)
         return results
 
-    def _run(self, batch: np.ndarray) -> list[np.ndarray]:
-        logits, step_size, nsi = self.session.run(batch)     # (B, K), (B, L, 3), (B, L)
-        self.stiffness.record(step_size, nsi)
-        return [logits, step_size, nsi]
+    def _runner(self, session: Session):
+        def run(batch: np.ndarray) -> list[np.ndarray]:       # in the instance's thread
+            logits, step_size, nsi = session.run(batch)      # (B, K), (B, L, 3), (B, L)
+            self.stiffness.record(step_size, nsi)
+            return [logits, step_size, nsi]
+        return run
 
     # ------------------------------------------------------------ lifetime
 

@@ -83,7 +83,7 @@ def finish_request(span, status: int, request_id: str | None, model: tuple[str, 
         span.set_status(StatusCode.ERROR)
 
 
-def batch_spans(items, model: str, version: int, dispatched_ns: int):
+def batch_spans(items, model: str, version: int, instance: str, device: str, dispatched_ns: int):
     """The batch's `inference` span, linked to each request, and each request's `queue` span,
     linked to the batch. Returns the inference span (to end after the run) or None when off."""
     if not _enabled:
@@ -91,10 +91,17 @@ def batch_spans(items, model: str, version: int, dispatched_ns: int):
     links = [Link(trace.get_current_span(item.trace_context).get_span_context()) for item in items]
     batch = TRACER.start_span("inference", context=otel_context.Context(), links=links, attributes={
         "stepnet.model": model, "stepnet.version": version, "stepnet.batch_size": len(items),
-        "stepnet.instance": 0})
+        "stepnet.instance": instance, "stepnet.device": device})
     for item in items:
         queue = TRACER.start_span("queue", context=item.trace_context, start_time=item.enqueued_ns,
                                   links=[Link(batch.get_span_context())],
                                   attributes={"stepnet.batch_size": len(items)})
         queue.end(end_time=dispatched_ns)
     return batch
+
+
+def fail(span, exc: Exception) -> None:
+    """End a span whose work raised."""
+    span.record_exception(exc)
+    span.set_status(StatusCode.ERROR, type(exc).__name__)
+    span.end()

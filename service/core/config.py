@@ -1,6 +1,7 @@
 """Every setting of the service, read from STEPNET_* environment variables (pydantic-settings)."""
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -8,6 +9,26 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIN_ADMIN_KEY_LENGTH = 16
+DEVICE_RULE = "auto, cpu, cuda (every visible GPU) or a list of GPUs such as cuda:0,1 or cuda:0,cuda:2"
+_GPU_LIST = re.compile(r"cuda:(\d+)(,(cuda:)?\d+)*")
+# STEPNET_INSTANCES unset: sessions per model version on each GPU, and on the CPU (which then
+# splits its cores between them). Measured in benchmarks/results (docs/performance.md).
+DEFAULT_GPU_INSTANCES = 1
+DEFAULT_CPU_INSTANCES = 1
+
+
+def parse_device(value: str) -> tuple[str, tuple[int, ...] | None]:
+    """STEPNET_DEVICE -> (auto | cpu | cuda, the GPU ordinals asked for; None: every visible one).
+    Raises ValueError on anything else, or on a GPU listed twice."""
+    text = value.strip().lower().replace(" ", "")
+    if text in ("auto", "cpu", "cuda"):
+        return text, None
+    if not _GPU_LIST.fullmatch(text):
+        raise ValueError(f"{value!r} is not a device: {DEVICE_RULE}")
+    ids = tuple(int(part.removeprefix("cuda:")) for part in text.split(","))
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{value!r} lists a GPU twice")
+    return "cuda", ids
 
 
 def cpu_count() -> int:
@@ -35,8 +56,11 @@ class Settings(BaseSettings):
                                                           f"{{model}}/load and /unload, at least "
                                                           f"{MIN_ADMIN_KEY_LENGTH} characters; unset: they "
                                                           f"are off")
-    device: Literal["auto", "cuda", "cpu"] = Field(
-        "auto", description="auto: the CUDA provider when it really loads, else the CPU provider")
+    device: str = Field("auto", description=f"{DEVICE_RULE}; auto: the CUDA provider on every visible "
+                                            f"GPU when it really loads, else the CPU provider")
+    instances: int | None = Field(None, ge=1, le=64, description=(
+        f"sessions per model version on each device, run concurrently; default {DEFAULT_GPU_INSTANCES} "
+        f"per GPU, {DEFAULT_CPU_INSTANCES} on the CPU (serving.json overrides it per model)"))
     variant: Literal["fp32", "fp16", "int8"] = Field(
         "fp32", description="model file to serve: model.onnx, model.fp16.onnx or model.int8.onnx "
                             "(falls back to model.onnx where the variant is missing)")
@@ -69,8 +93,8 @@ class Settings(BaseSettings):
                                                          "gets 503 and is closed")
     preprocess_threads: int = Field(default_factory=cpu_count, ge=1,
                                     description="threads decoding and pre-processing images")
-    intra_op_threads: int = Field(default_factory=cpu_count, ge=1,
-                                  description="ONNX Runtime CPU provider threads per session")
+    intra_op_threads: int | None = Field(None, ge=1, description="ONNX Runtime CPU provider threads per "
+                                         "session; default: the cores split between the CPU instances")
     stiffness_history: int = Field(10_000, ge=1,
                                    description="requests per model version kept for /stiffness")
     shutdown_timeout_s: float = Field(30.0, ge=0,
@@ -83,6 +107,17 @@ class Settings(BaseSettings):
         "auto", description="OpenTelemetry traces over OTLP/HTTP (service.tracing); auto: on when "
                             "OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set")
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        parse_device(value)
+        return value.strip().lower().replace(" ", "")
+
+    def threads_per_instance(self, cpu_instances: int) -> int:
+        """Intra-op threads of each CPU session: STEPNET_INTRA_OP_THREADS, or the cores split
+        evenly between the instances (at least one each)."""
+        return self.intra_op_threads or max(1, cpu_count() // cpu_instances)
+
     @field_validator("admin_key", mode="before")
     @classmethod
     def _admin_key(cls, key):
@@ -94,8 +129,3 @@ class Settings(BaseSettings):
             raise ValueError(f"the admin key must be at least {MIN_ADMIN_KEY_LENGTH} characters, "
                              f"without leading or trailing whitespace (`openssl rand -hex 32` makes one)")
         return key
-
-    @property
-    def max_request_rows(self) -> int:
-        """Images or rows one request may carry: a batch never holds more than the queue admits."""
-        return min(self.max_batch_size, self.max_queue_size)

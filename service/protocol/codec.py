@@ -145,9 +145,9 @@ def _binary_inputs(inputs: list[RequestInput], binary: bytes) -> list[bytes | No
 
 def _batch(name: str, size: int, max_rows: int) -> int:
     if not 1 <= size <= max_rows:
-        raise BadRequest(f"input {name}: batch size {size}; this server takes 1 to {max_rows} "
-                         f"per request (the smaller of STEPNET_MAX_BATCH_SIZE and "
-                         f"STEPNET_MAX_QUEUE_SIZE)")
+        raise BadRequest(f"input {name}: batch size {size}; this model takes 1 to {max_rows} "
+                         f"per request (the smaller of its max_batch_size and max_queue_size: "
+                         f"serving.json, else STEPNET_MAX_BATCH_SIZE and STEPNET_MAX_QUEUE_SIZE)")
     return size
 
 

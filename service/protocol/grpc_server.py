@@ -179,7 +179,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             async with deadline(seconds) as work:
                 work.received()                      # gRPC hands over whole messages
                 decoded = await asyncio.to_thread(_decode, request, served.meta,
-                                                  self.settings.max_request_rows)
+                                                  served.max_request_rows)
                 if decoded.images is not None:
                     results, _ = await served.infer_images(decoded.images)
                 else:

@@ -52,3 +52,10 @@ def test_the_service_publishes_rest_and_grpc(file):
 
     assert published({}) == {(8000, 8000), (8001, 8001)}
     assert published({"GRPC_PORT": "9101"}) == {(8000, 8000), (9101, 8001)}
+
+
+def test_the_gpu_file_gives_every_gpu_to_the_one_container():
+    stepnet = yaml.safe_load(render("docker-compose.yml", GRAFANA_ADMIN_PASSWORD="x").stdout)["services"]["stepnet"]
+    (devices,) = stepnet["deploy"]["resources"]["reservations"]["devices"]
+    assert devices["driver"] == "nvidia" and devices["count"] == "all" and devices["capabilities"] == ["gpu"]
+    assert stepnet["environment"]["STEPNET_DEVICE"] == "cuda"          # a session on every GPU it sees

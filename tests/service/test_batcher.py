@@ -1,6 +1,8 @@
 """service.batcher without HTTP: requests queued in one step coalesce into one batch, each gets its
 own row, the queue bound refuses at once, a cancelled request frees its slot and its work is never
-run, a failing run fails its batch only, and close() finishes what was admitted."""
+run, a failing run fails its batch only, and close() finishes what was admitted. With several
+instances, batches run at the same time, and a failing instance is taken out of rotation while
+the others serve, until its probe runs again."""
 
 import asyncio
 import threading
@@ -9,7 +11,7 @@ from contextlib import AsyncExitStack
 import numpy as np
 import pytest
 
-from service.batcher import Batcher
+from service.batcher import Batcher, Instance
 from service.errors import InferenceFailed, Overloaded, ShuttingDown
 from service.metrics import Metrics
 
@@ -19,23 +21,31 @@ pytestmark = pytest.mark.timeout(30)
 class Model:
     """A `run` that records its batch sizes and returns each row's sum, optionally held back."""
 
-    def __init__(self, fail: bool = False):
+    def __init__(self, fail: bool = False, barrier: threading.Barrier | None = None):
         self.batches: list[int] = []
         self.release = threading.Event()
         self.release.set()
-        self.fail = fail
+        self.fail, self.probe_fails, self.barrier = fail, False, barrier
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
+        if self.barrier is not None:       # slowed on purpose: runs until another batch runs too
+            self.barrier.wait()
         self.release.wait(10)
         self.batches.append(len(batch))
         if self.fail:
             raise RuntimeError("boom")
         return [batch.reshape(len(batch), -1).sum(1)]
 
+    def probe(self) -> None:
+        if self.probe_fails:
+            raise RuntimeError("still broken")
 
-def batcher(model: Model, **options) -> Batcher:
+
+def batcher(*models: Model, **options) -> Batcher:
+    """A batcher with one instance per model."""
     settings = {"max_batch_size": 4, "max_queue_delay_s": 0.0, "max_queue_size": 8, **options}
-    return Batcher(model, name="m:1", input_dtype=np.float32, metrics=Metrics().for_model("m", 1), **settings)
+    instances = [Instance(str(i), "cpu", model, model.probe) for i, model in enumerate(models)]
+    return Batcher(instances, name="m:1", input_dtype=np.float32, metrics=Metrics().for_model("m", 1), **settings)
 
 
 def rows(n: int) -> list[np.ndarray]:
@@ -145,3 +155,54 @@ def test_close_finishes_what_was_admitted_then_refuses():
         return results
 
     assert len(asyncio.run(main())) == 3
+
+
+def test_two_instances_run_two_batches_at_the_same_time_and_give_the_same_results():
+    """Each run waits at a barrier until another batch is running too: with two instances both
+    batches pass it; one instance alone would break it (BrokenBarrierError fails the batch)."""
+    async def main(models):
+        b = batcher(*models, max_batch_size=2)
+        b.start()
+        first = asyncio.ensure_future(submit_all(b, rows(2)))
+        await asyncio.sleep(0)                     # the first batch is dispatched
+        second = asyncio.ensure_future(submit_all(b, rows(4)[2:]))
+        results = await asyncio.gather(first, second)
+        await b.close(5)
+        return [float(r.outputs[0]) for rs in results for r in rs]
+
+    barrier = threading.Barrier(2, timeout=5)
+    concurrent = [Model(barrier=barrier), Model(barrier=barrier)]
+    together = asyncio.run(main(concurrent))
+    assert [m.batches for m in concurrent] == [[2], [2]]          # one batch each, at the same time
+    assert together == asyncio.run(main([Model()])) == [0.0, 4.0, 8.0, 12.0]
+
+    alone = threading.Barrier(2, timeout=0.5)
+    with pytest.raises(InferenceFailed):                         # no overlap with a single instance
+        asyncio.run(main([Model(barrier=alone)]))
+
+
+def test_a_failing_instance_fails_its_batch_and_is_out_of_rotation_until_its_probe_runs():
+    async def main():
+        broken, healthy = Model(fail=True), Model()
+        broken.probe_fails = True
+        b = batcher(broken, healthy, max_batch_size=2)
+        b.start()
+        with pytest.raises(InferenceFailed, match="boom"):      # instance 0 is idle longest: it gets the first
+            await submit_all(b, rows(2))
+        assert [i.healthy for i in b.instances] == [False, True] and b.healthy
+        served = [await submit_all(b, rows(2)) for _ in range(3)]   # the others serve meanwhile
+        assert broken.batches == [2] and healthy.batches == [2, 2, 2]
+        assert b.instances[0].last_error == "RuntimeError: still broken"     # what its probe said
+        broken.fail, broken.probe_fails = False, False           # repaired: the next probe (1 s) passes
+        for _ in range(100):
+            if b.instances[0].healthy:
+                break
+            await asyncio.sleep(0.05)
+        assert b.instances[0].healthy
+        await asyncio.gather(submit_all(b, rows(2)), submit_all(b, rows(2)))
+        await b.close(5)
+        return served, broken
+
+    served, broken = asyncio.run(main())
+    assert all(float(r.outputs[0]) == 4.0 * i for rs in served for i, r in enumerate(rs))
+    assert len(broken.batches) == 2                              # back in rotation: it ran a batch again

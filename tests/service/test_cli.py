@@ -34,16 +34,33 @@ def test_invalid_setting():
     assert result.returncode == 2 and "STEPNET_MAX_BATCH_SIZE" in result.stderr
 
 
-def test_cuda_without_a_gpu(single_model_repository):
-    """STEPNET_DEVICE=cuda refuses to start, saying why, rather than never becoming ready."""
+def skip_with_a_gpu() -> None:
     pynvml = pytest.importorskip("pynvml")
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError:
-        pass
-    else:
-        pytest.skip("this machine has an NVIDIA driver")
+        return
+    pytest.skip("this machine has an NVIDIA driver")
+
+
+def test_cuda_without_a_gpu(single_model_repository):
+    """STEPNET_DEVICE=cuda refuses to start, saying why, rather than never becoming ready."""
+    skip_with_a_gpu()
     result = serve("--model-repository", single_model_repository, STEPNET_DEVICE="cuda")
     assert result.returncode == 2
     assert result.stderr.startswith("stepnet serve: error: STEPNET_DEVICE=cuda, but ")
     assert "STEPNET_DEVICE=auto" in result.stderr
+
+
+def test_a_device_that_is_not_one_is_refused_in_one_line():
+    result = serve(STEPNET_DEVICE="gpu:0")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "STEPNET_DEVICE" in result.stderr and "cuda:0,1" in result.stderr
+
+
+def test_a_gpu_list_without_a_gpu(single_model_repository):
+    """cuda:0,1 asks for GPUs as cuda does: no fallback to the CPU."""
+    skip_with_a_gpu()
+    result = serve("--model-repository", single_model_repository, STEPNET_DEVICE="cuda:0,1")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("stepnet serve: error: STEPNET_DEVICE=cuda:0,1, but ")

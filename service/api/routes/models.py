@@ -4,7 +4,9 @@ from fastapi import APIRouter
 
 from service.api.deps import RepositoryDep
 from service.errors import NotReady, error_responses
-from service.schemas import ModelsResponse, ModelVersionInfo
+from service.schemas import InstanceInfo, ModelsResponse, ModelVersionInfo, ServingInfo
+from service.served import ServedModel
+from service.serving_config import ServingConfig
 from stepnet.repository import MODEL_FILE
 
 router = APIRouter(tags=["models"])
@@ -12,10 +14,25 @@ router = APIRouter(tags=["models"])
 
 @router.get("/models", response_model=ModelsResponse, responses=error_responses(NotReady))
 async def models(repository: RepositoryDep) -> ModelsResponse:
-    """Every version whose model.json could be read: all of its metadata, and how it serves."""
+    """Every version whose model.json could be read: all of its metadata, and how it serves:
+    its instances and the serving configuration it was loaded with."""
     return ModelsResponse(models=[
         ModelVersionInfo(**record.meta.model_dump(), default=record.meta.name == repository.default_model,
-                         state=record.state.value,
+                         state=record.state.value, error=record.error,
                          provider=record.served.provider if record.served else None,
-                         file=record.served.file if record.served else MODEL_FILE)
+                         file=record.served.file if record.served else MODEL_FILE,
+                         instances=_instances(record.served) if record.served else [],
+                         serving=_serving(record.served.config) if record.served else None)
         for record in repository.records() if record.meta is not None])
+
+
+def _instances(served: ServedModel) -> list[InstanceInfo]:
+    return [InstanceInfo(name=i.name, device=i.device, provider=session.provider, threads=i.threads,
+                         healthy=i.healthy, busy=i.busy, batches=i.batches, last_error=i.last_error)
+            for i, session in zip(served.batcher.instances, served.sessions)]
+
+
+def _serving(config: ServingConfig) -> ServingInfo:
+    return ServingInfo(source=config.source, max_batch_size=config.max_batch_size,
+                       max_queue_delay_ms=config.max_queue_delay_ms, max_queue_size=config.max_queue_size,
+                       variant=config.variant, version_policy=config.version_policy.describe())

@@ -118,7 +118,7 @@ async def _infer(request: Request, served: ServedModel, settings) -> Response:
         body = await read_body(request, settings.max_upload_bytes)
         request_deadline.received()
         decoded = await asyncio.to_thread(decode_request, body, request.headers.get(HEADER_LENGTH),
-                                          served.meta, settings.max_request_rows)
+                                          served.meta, served.max_request_rows)
         if decoded.images is not None:
             results, _ = await served.infer_images(decoded.images)
         else:

@@ -1,0 +1,61 @@
+"""Instance groups on a real server: STEPNET_INSTANCES=2 on the CPU gives each version two warm
+sessions that split the cores, listed in /models and labelled in /metrics, serving the same
+answers as one instance; STEPNET_DEVICE takes GPU lists, and refuses what it cannot parse."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from service.core.config import Settings, cpu_count, parse_device
+
+pytestmark = pytest.mark.timeout(120)
+MODEL = "stepnet-digits"
+
+
+def test_two_cpu_instances_split_the_cores_serve_the_same_answers_and_are_labelled(
+        start_server, single_model_repository, server, digits, encode, metric):
+    two = start_server(single_model_repository, instances=2)
+    (info,) = httpx.get(two.url + "/models", timeout=10).json()["models"]
+    assert [(i["name"], i["device"], i["threads"], i["healthy"]) for i in info["instances"]] == [
+        ("0", "cpu", max(1, cpu_count() // 2), True), ("1", "cpu", max(1, cpu_count() // 2), True)]
+    assert info["serving"]["source"] == "environment" and info["state"] == "ready"
+
+    images = [encode(x) for x in digits[0][:24]]
+
+    def predict(url, png):
+        response = httpx.post(url + "/predict", files={"file": ("d.png", png)}, timeout=30)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    with ThreadPoolExecutor(8) as pool:           # concurrent: batches on both instances
+        answers = list(pool.map(lambda png: predict(two.url, png), images))
+    for answer, png in zip(answers, images):
+        one = predict(server.url, png)            # the shared server: one instance
+        assert [p["label"] for p in answer["predictions"]] == [p["label"] for p in one["predictions"]]
+        np.testing.assert_allclose([p["probability"] for p in answer["predictions"]],
+                                   [p["probability"] for p in one["predictions"]], atol=1e-5)
+        np.testing.assert_allclose([layer["step_size"]["mean"] for layer in answer["layers"]],
+                                   [layer["step_size"]["mean"] for layer in one["layers"]], atol=1e-5)
+
+    counts = {i: metric(two.url, "stepnet_inference_seconds_count", model=MODEL, version="1", instance=i,
+                        device="cpu") for i in ("0", "1")}
+    assert sum(counts.values()) == metric(two.url, "stepnet_batch_size_count", model=MODEL, version="1")
+    assert all(metric(two.url, "stepnet_instance_up", model=MODEL, instance=i) == 1 for i in ("0", "1"))
+    batches = [i["batches"] for i in httpx.get(two.url + "/models", timeout=10).json()["models"][0]["instances"]]
+    assert batches == [counts["0"], counts["1"]]
+    assert "2 instance(s) on cpu" in two.log()
+
+
+@pytest.mark.parametrize("value, parsed", [
+    ("auto", ("auto", None)), ("CPU", ("cpu", None)), ("cuda", ("cuda", None)),
+    ("cuda:0", ("cuda", (0,))), ("cuda:0,1,3", ("cuda", (0, 1, 3))), ("cuda:2, cuda:0", ("cuda", (2, 0)))])
+def test_device_lists(value, parsed):
+    assert parse_device(value) == parsed
+
+
+@pytest.mark.parametrize("value", ["gpu", "cuda:", "cuda:a", "cuda:0,,1", "cuda:1,1", "cuda:-1", "0,1"])
+def test_bad_device_values_are_refused(value):
+    with pytest.raises(ValueError):
+        Settings(device=value)
