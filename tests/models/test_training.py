@@ -173,15 +173,16 @@ def test_torchrun_restarts_a_killed_worker_and_it_resumes_from_the_snapshot(unin
 
 # ---------------------------------------------------------------- bf16
 
-def test_bf16_autocast_trains_digits_and_keeps_the_diagnostics(tmp_path):
-    """--precision bf16 on the CPU reaches >= 97 %; on the same weights, bf16 and fp32 evaluation
-    agree per test image within 0.02 in mean step size and 2 % in NSI (the norms behind NSI and s
-    are float32 under autocast)."""
-    out = tmp_path / "bf16"
-    result = run("train", "--precision", "bf16", "--quiet", "--out", out)
-    assert result.returncode == 0, result.stderr
-    config = checkpoint.read_config(out)
-    assert config["precision"] == "bf16" and config["test_accuracy"] >= 0.97
+def native_bf16() -> bool:
+    """Whether this CPU computes in bf16 itself (AVX-512 BF16 or AMX); elsewhere oneDNN emulates
+    it, and on an AVX2-only CI machine a digits epoch takes 78 s against 10 s in fp32."""
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").is_file() else []
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def assert_bf16_keeps_the_diagnostics(out: Path) -> None:
+    """On the same weights, bf16 and fp32 evaluation agree per test image within 0.02 in mean step
+    size and 2 % in NSI (the norms behind NSI and s are float32 under autocast)."""
     model, _, _ = checkpoint.load(out)
     test_set, _ = data.load("digits", "test")
     images = torch.stack([test_set[i][0] for i in range(len(test_set))])
@@ -193,6 +194,31 @@ def test_bf16_autocast_trains_digits_and_keeps_the_diagnostics(tmp_path):
     assert torch.equal(defined, ~torch.isnan(nsi16)) and nsi16.dtype == torch.float32
     assert (step16.float()[:, :, 0] - step32[:, :, 0]).abs().max() < 0.02
     assert ((nsi16[defined] - nsi32[defined]).abs() / nsi32[defined]).max() < 0.02
+
+
+def test_bf16_autocast_follows_fp32_training_and_keeps_the_diagnostics(one_process, tmp_path):
+    """--precision bf16 on the CPU, the same two steps as fp32: weights within 5e-3 of fp32's, and
+    not equal to them (bf16 did round). Measured 9.6e-4; the diagnostics agree within 0.0025 in
+    step size and 0.2 % in NSI."""
+    out = tmp_path / "bf16"
+    result = run(*SHORT, "--batch-size", "64", "--precision", "bf16", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert checkpoint.read_config(out)["precision"] == "bf16"
+    assert 1e-5 < relative(weights(out), weights(one_process)) < 5e-3
+    assert_bf16_keeps_the_diagnostics(out)
+    bf16 = run("evaluate", out, "--precision", "bf16")
+    assert bf16.returncode == 0 and bf16.stdout.startswith("digits test accuracy: "), bf16.stderr
+
+
+@pytest.mark.skipif(not native_bf16(), reason="bf16 is emulated on this CPU: the recipe would take 20 minutes")
+def test_bf16_autocast_trains_digits_to_97_percent(tmp_path):
+    """The whole digits recipe in bf16 reaches >= 97 %, and evaluates alike in both precisions."""
+    out = tmp_path / "bf16"
+    result = run("train", "--precision", "bf16", "--quiet", "--out", out)
+    assert result.returncode == 0, result.stderr
+    config = checkpoint.read_config(out)
+    assert config["precision"] == "bf16" and config["test_accuracy"] >= 0.97
+    assert_bf16_keeps_the_diagnostics(out)
     fp32 = run("evaluate", out)
     bf16 = run("evaluate", out, "--precision", "bf16")
     assert fp32.returncode == bf16.returncode == 0
