@@ -10,6 +10,6 @@
     gpu.py          the GPU part: ONNX Runtime CUDA fp32 / fp16 against PyTorch eager
     report.py       the markdown table and the PNG plots
 
-Results go to benchmarks/results/<machine>-<date>.json, .md and -*.png; docs/performance.md
+Results go to benchmarks/results/<machine>-<date>-<HHMM>.json, .md and -*.png; docs/performance.md
 explains them. This file imports nothing heavy.
 """

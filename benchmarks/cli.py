@@ -39,7 +39,7 @@ def register(sub) -> None:
                     "every core against one per core (STEPNET_INSTANCES), tracing on against off, training images/s "
                     "(StepNet-50 against torchvision ResNet-50, fp32 and bf16, DDP 1 and 2 processes) and, on a "
                     "GPU host, the CUDA provider fp32 / fp16 against PyTorch fp16; "
-                    "write RESULTS/<machine>-<date>.json, .md and PNG plots (docs/performance.md).")
+                    "write RESULTS/<machine>-<date>-<HHMM>.json, .md and PNG plots (docs/performance.md).")
     p.add_argument("--quick", action="store_true",
                    help="few repetitions and short loads: checks that everything runs (seconds), "
                         "not a measurement")

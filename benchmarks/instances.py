@@ -3,7 +3,7 @@
 measured in turn, several rounds per concurrency, so that drift on a shared machine hits both.
 
 - instances: one session with every core against one session per core (1 x N threads against
-  N x 1 thread), for each model;
+  N x 1 thread), and against N x 1 with the solo session beside them, for each model;
 - tracing: the digits model with tracing off against on, spans exported over OTLP/HTTP to a
   loopback collector that accepts and drops them; and, since off must cost about nothing, the
   per-request cost of the checks the request path makes when tracing is off (timeit).
@@ -23,10 +23,13 @@ log = logging.getLogger(__name__)
 
 
 def instance_configs(cores: int) -> dict[str, dict[str, str]]:
-    """'1 x N' and 'N x 1' as STEPNET_* settings (threads given, not derived)."""
+    """'1 x N', 'N x 1' and 'N x 1 + solo' (the solo session with every core, STEPNET_CPU_SOLO)
+    as STEPNET_* settings (threads given, not derived)."""
     configs = {f"1 x {cores}": {"STEPNET_INSTANCES": "1", "STEPNET_INTRA_OP_THREADS": str(cores)}}
     if cores > 1:
-        configs[f"{cores} x 1"] = {"STEPNET_INSTANCES": str(cores), "STEPNET_INTRA_OP_THREADS": "1"}
+        split = {"STEPNET_INSTANCES": str(cores), "STEPNET_INTRA_OP_THREADS": "1"}
+        configs[f"{cores} x 1"] = {**split, "STEPNET_CPU_SOLO": "false"}
+        configs[f"{cores} x 1 + solo"] = {**split, "STEPNET_CPU_SOLO": "true"}
     return configs
 
 

@@ -70,7 +70,7 @@ def _introduction(results: dict) -> list[str]:
 
 
 def _targets(targets: list[dict]) -> list[str]:
-    return ["## Targets (issue 6)", ""] + _table(
+    return ["## Targets (issues 6 and 17)", ""] + _table(
         ["target", "model", "measured", "limit", "met"],
         [[t["what"], t["model"], _value(t), t["limit"],
           "n/a" if t["met"] is None else "yes" if t["met"] else "**no**"] for t in targets])
@@ -125,41 +125,71 @@ def _transports(svc: dict) -> list[str]:
         others = [svc["transports"][t][c] for t in ("rest_v2_binary", "grpc")]
         rows.append([c] + [f"{r['throughput']:.1f} ({r['throughput_vs_raw']:.2f})" for r in (rest, *others)]
                     + [f"{others[1]['throughput'] / rest['throughput']:.2f}", str(sum(r["errors"] for r in others))])
-    return (["", "Transports, the same images one per request: req/s (and service / raw); "
-                 f"{svc['settings'].get('transports', '')}.", ""]
+    return (["", "Transports, the same images one per request: req/s (and service / raw, against "
+                 f"the reference of the table above); {svc['settings'].get('transports', '')}.", ""]
             + _table(["concurrency", "REST multipart", "REST v2 binary", "gRPC", "gRPC / REST multipart",
                       "errors (v2, gRPC)"], rows))
 
 
-def _service_level(name: str, svc: dict) -> list[str]:
-    """Per concurrency: the served figures against raw session.run, and the server's own timing."""
-    raw = svc["raw"]
+def service_rows(svc: dict) -> list[list[str]]:
+    """Per concurrency: req/s, p50, the raw reference and its items/s, the ratio, p50 against
+    raw end to end (concurrency 1) and the mean batch the service formed."""
     rows = []
     for c, row in svc["load"].items():
-        raw_row = raw["batches"][str(row["raw_batch"])]
-        timing = row.get("server_timing_p50_ms", {})
-        inside = ", ".join(f"{k} {v:.1f}" for k, v in timing.items())
         mean_batch = row.get("mean_batch_size")
-        rows.append([c, str(row["requests"]), str(row["errors"]), f"{row['throughput']:.1f}",
-                     _ms(row["p50_ms"]), _ms(row["p95_ms"]), _ms(row["p99_ms"]),
-                     f"{raw_row['throughput']:.1f} (batch {row['raw_batch']})",
-                     f"{row['throughput_vs_raw']:.2f}",
-                     f"{row['p50_minus_raw_p50_ms']:+.1f}",
-                     "-" if mean_batch is None else f"{mean_batch:.2f}", inside])
+        over = row.get("p50_minus_raw_p50_ms")
+        rows.append([c, f"{row['throughput']:.1f}", _ms(row["p50_ms"]), row["raw_reference"],
+                     f"{row['raw_throughput']:.1f}", f"{row['throughput_vs_raw']:.3f}",
+                     "-" if over is None else f"{over:+.1f}",
+                     "-" if mean_batch is None else f"{mean_batch:.2f}"])
+    return rows
+
+
+SERVICE_HEADER = ["concurrency", "req/s", "p50 ms", "raw reference", "raw items/s", "service / raw",
+                  "p50 - raw p50 ms", "mean batch"]
+
+
+def served_as(svc: dict) -> str:
+    """The service's instances and threads, and the raw session's, in words."""
+    served = svc.get("served_as")
+    if not served:
+        return f"raw session {svc['settings'].get('raw_threads', '?')} intra-op threads"
+    groups = {}
+    for instance in served["instances"]:
+        key = (instance["device"], instance["threads"], instance.get("solo", False))
+        groups[key] = groups.get(key, 0) + 1
+    instances = ", ".join(f"{n} x {device}" + (f" ({threads} intra-op threads)" if threads else "")
+                          + (" solo" if solo else "") for (device, threads, solo), n in groups.items())
+    serving = served["serving"]
+    return (f"service {instances}, max batch {serving['max_batch_size']}, queue delay "
+            f"{serving['max_queue_delay_ms']:g} ms; raw session {svc['settings'].get('raw_threads', '?')} "
+            f"intra-op threads; intra-op spinning {svc['settings'].get('spinning', 'off')} in both")
+
+
+def _service_level(name: str, svc: dict) -> list[str]:
+    """Per concurrency: the served figures against their raw reference, and the server's own timing."""
+    raw = svc["raw"]
+    timing_rows = []
+    for c, row in svc["load"].items():
+        timing = row.get("server_timing_p50_ms", {})
+        timing_rows.append([c, str(row["requests"]), str(row["errors"]), _ms(row["p95_ms"]),
+                            _ms(row["p99_ms"]), ", ".join(f"{k} {v:.1f}" for k, v in timing.items())])
+    end_to_end = raw.get("end_to_end")
     return (["", f"## Service level: {MODEL_NAMES.get(name, name)}", "",
-             f"`stepnet serve` on loopback (default settings, max batch size "
-             f"{svc['settings']['max_batch_size']}); client: {svc['settings']['client']}. "
-             f"Pre-processing (service code) per image: JPEG "
+             f"`stepnet serve` on loopback ({svc['settings']['server']}; {served_as(svc)}); client: "
+             f"{svc['settings']['client']}. Pre-processing (service code) per image: JPEG "
              f"{raw['preprocess']['jpeg']['per_image_ms']:.2f} ms, PNG "
              f"{raw['preprocess']['png']['per_image_ms']:.2f} ms.", ""]
-            + _table(["concurrency", "requests", "errors", "req/s", "p50 ms", "p95 ms",
-                      "p99 ms", "raw items/s", "service / raw", "p50 - raw b1 p50 ms",
-                      "mean batch", "server timing p50 ms"], rows)
-            + ["", "Raw figures are measured just before each load level, the server idle; "
-                   "server timing is what the service reports in each response (`timing_ms`)."]
-            + _transports(svc)
-            + ["", f"Raw session.run batch 1: p50 {_ms(raw['batches']['1']['p50_ms'])} ms, "
-                   f"p95 {_ms(raw['batches']['1']['p95_ms'])} ms."])
+            + _table(SERVICE_HEADER, service_rows(svc))
+            + ["", "The raw reference at concurrency 1 is what the service does for a request, in one "
+                   "thread and no HTTP; above it, session.run at the batch size the batcher formed, on "
+                   "inputs pre-processed beforehand. Each is measured a few seconds from its load, the "
+                   "server idle." + (f" Raw end to end: p50 {_ms(end_to_end['p50_ms'])} ms, p95 "
+                                     f"{_ms(end_to_end['p95_ms'])} ms." if end_to_end else ""), ""]
+            + _table(["concurrency", "requests", "errors", "p95 ms", "p99 ms", "server timing p50 ms"],
+                     timing_rows)
+            + ["", "Server timing is what the service reports in each response (`timing_ms`)."]
+            + _transports(svc))
 
 
 def _ab_rows(part: dict) -> tuple[list[str], list[list[str]]]:
@@ -168,7 +198,7 @@ def _ab_rows(part: dict) -> tuple[list[str], list[list[str]]]:
     rows = []
     for c, by_config in part["results"].items():
         cells = [f"{by_config[k]['throughput']:.1f} / {_ms(by_config[k]['p50_ms'])}" for k in labels]
-        ratio = (f"{by_config[labels[1]]['throughput'] / by_config[labels[0]]['throughput']:.2f}"
+        ratio = (f"{by_config[labels[-1]]['throughput'] / by_config[labels[0]]['throughput']:.2f}"
                  if len(labels) > 1 else "-")
         rows.append([c, *cells, ratio, str(sum(by_config[k]["errors"] for k in labels))])
     header = ["concurrency", *(f"{k}: req/s / p50 ms" for k in labels),
@@ -178,9 +208,10 @@ def _ab_rows(part: dict) -> tuple[list[str], list[list[str]]]:
 
 def _instances(part: dict) -> list[str]:
     lines = ["", "## CPU instances (STEPNET_INSTANCES x STEPNET_INTRA_OP_THREADS)", "",
-             "Two `stepnet serve` processes side by side, loaded in turn; medians over the rounds. "
-             "`1 x N`: one session with N intra-op threads; `N x 1`: N sessions of one thread, "
-             "batches running concurrently."]
+             "One `stepnet serve` process per configuration, side by side, loaded in turn; medians "
+             "over the rounds. `1 x N`: one session with N intra-op threads; `N x 1`: N sessions of "
+             "one thread, batches running concurrently; `+ solo`: with one more session of N "
+             "threads, which takes a batch only while no other runs (STEPNET_CPU_SOLO)."]
     for name, result in part.items():
         header, rows = _ab_rows(result)
         lines += ["", f"{MODEL_NAMES.get(name, name)}: {result['rounds']} round(s) of "
@@ -319,8 +350,8 @@ def _service_plot(results: dict):
         conc = list(svc["load"])
         ax = axes[0][col]
         ax.plot(conc, [svc["load"][c]["throughput"] for c in conc], "o-", label="service")
-        ax.plot(conc, [svc["raw"]["batches"][str(svc["load"][c]["raw_batch"])]["throughput"]
-                       for c in conc], "s--", label="raw session.run")
+        ax.plot(conc, [svc["load"][c]["raw_throughput"] for c in conc], "s--",
+                label="raw reference (c1 end to end, else session.run at the batch formed)")
         ax.set_ylabel("requests / s")
         ax.set_ylim(bottom=0)
         ax.set_title(f"{MODEL_NAMES.get(name, name)}: throughput")
@@ -328,14 +359,15 @@ def _service_plot(results: dict):
         ax = axes[1][col]
         for q in ("p50", "p95", "p99"):
             ax.plot(conc, [svc["load"][c][f"{q}_ms"] for c in conc], "o-", label=f"service {q}")
-        ax.axhline(svc["raw"]["batches"]["1"]["p50_ms"], color="grey", linestyle="--",
-                   label="raw p50, batch 1")
+        if "end_to_end" in svc["raw"]:
+            ax.axhline(svc["raw"]["end_to_end"]["p50_ms"], color="grey", linestyle="--",
+                       label="raw end to end p50, batch 1")
         ax.set_xlabel("concurrency")
         ax.set_yscale("log")
         ax.set_ylabel("latency ms (log scale)")
         ax.set_title(f"{MODEL_NAMES.get(name, name)}: latency")
         ax.legend()
-    fig.suptitle("Service level: stepnet serve on loopback vs raw session.run")
+    fig.suptitle("Service level: stepnet serve on loopback vs raw ONNX Runtime")
     fig.tight_layout()
     return fig
 

@@ -1,8 +1,10 @@
-"""One benchmark run: settings, the parts in order, the targets of issue 6, and the files written.
+"""One benchmark run: settings, the parts in order, the targets of issues 6 and 17, and the files written.
 
-    RESULTS/<machine>-<date>.json       every number, the machine, versions, settings, load average
-    RESULTS/<machine>-<date>.md         the tables and the targets, met or missed
-    RESULTS/<machine>-<date>-*.png      plots
+    RESULTS/<machine>-<date>-<HHMM>.json    every number, the machine, versions, settings, load average
+    RESULTS/<machine>-<date>-<HHMM>.md      the tables and the targets, met or missed
+    RESULTS/<machine>-<date>-<HHMM>-*.png   plots
+    README.md, between its bench markers    the newest tables (benchmarks.readme), after a full run
+                                            into benchmarks/results
 """
 
 import datetime
@@ -19,6 +21,8 @@ from benchmarks import machine
 from benchmarks.timing import Budget
 
 log = logging.getLogger("benchmarks")
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS, README = ROOT / "benchmarks" / "results", ROOT / "README.md"
 
 
 @dataclass(frozen=True)
@@ -70,9 +74,13 @@ TARGETS = (
      "digits", 0.5, False),
     ("diagnostics_cost_b1", "latency with diagnostics outputs / without - 1, batch 1",
      "stepnet50", 0.05, False),
-    ("service_vs_raw_throughput_c4", "service throughput / raw session.run throughput, "
-     "concurrency 4", "stepnet50", 0.85, True),
-    ("service_p50_minus_raw_c1_ms", "service p50 - raw session.run p50 (ms), concurrency 1",
+    ("service_vs_raw_throughput_c1", "service req/s / raw decode + pre-process + session.run "
+     "images/s, concurrency 1 (issue 17)", "stepnet50", 0.95, True),
+    ("service_vs_raw_throughput_c4", "service req/s / raw session.run images/s at the batch the "
+     "batcher formed, concurrency 4 (issue 17)", "stepnet50", 0.95, True),
+    ("service_vs_raw_throughput_c16", "service req/s / raw session.run images/s at the batch the "
+     "batcher formed, concurrency 16 (issue 17)", "stepnet50", 0.95, True),
+    ("service_p50_minus_raw_c1_ms", "service p50 - raw end-to-end p50 (ms), concurrency 1 (issue 17)",
      "stepnet50", 3.0, False),
     ("train_stepnet50_vs_resnet50", "training images/s, StepNet-50 / torchvision ResNet-50, fp32 "
      "(issue 12)", "stepnet50", 0.85, True),
@@ -93,8 +101,8 @@ def _figure(key: str, model: str, results: dict) -> float | None:
             return -results["int8_quality"]["accuracy_change_points"]
         if key == "diagnostics_cost_b1":
             return results["diagnostics"][model]["batches"]["1"]["cost"]
-        if key == "service_vs_raw_throughput_c4":
-            return results["service"][model]["load"]["4"]["throughput_vs_raw"]
+        if key.startswith("service_vs_raw_throughput_c"):
+            return results["service"][model]["load"][key.rpartition("_c")[2]]["throughput_vs_raw"]
         if key == "service_p50_minus_raw_c1_ms":
             return results["service"][model]["load"]["1"]["p50_minus_raw_p50_ms"]
         if key == "train_stepnet50_vs_resnet50":
@@ -231,13 +239,26 @@ def _serving_parts(results: dict, benches: dict, settings: BenchSettings, parts:
 
 
 def _write(results: dict, out_dir: Path, report) -> list[Path]:
+    """A new set of files per run (the history is kept), named by machine and start time; after a
+    full run into the repository's results folder, README's tables are made again from it."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{machine.slug()}-{datetime.date.today().isoformat()}"
+    started = datetime.datetime.fromisoformat(results["started"])
+    stem = f"{machine.slug()}-{started:%Y-%m-%d-%H%M}"
     if results["settings"]["mode"] == "quick":
         stem += "-quick"
+    base, taken = stem, 1
+    while (out_dir / f"{stem}.json").exists():      # two runs started in the same minute
+        taken += 1
+        stem = f"{base}-{taken}"
     json_path = out_dir / f"{stem}.json"
     json_path.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     plots = report.plots(results, out_dir, stem)
     md_path = out_dir / f"{stem}.md"
     md_path.write_text(report.markdown(results, [p.name for p in plots]))
-    return [json_path, md_path, *plots]
+    written = [json_path, md_path, *plots]
+    if results["settings"]["mode"] == "full" and out_dir.resolve() == RESULTS.resolve():
+        from benchmarks import readme
+
+        if readme.update(README, RESULTS):
+            written.append(README)
+    return written

@@ -31,6 +31,7 @@ from export.repository import write_version
 from models import data
 from service.metadata import read_metadata
 from service.preprocess import Preprocessor
+from service.runtime import session_options
 from stepnet.repository import METADATA_FILE, MODEL_FILE
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,16 @@ class Raw:
     def run(self, batch: int, budget: Budget) -> dict:
         x = np.ascontiguousarray(np.resize(self.tensors, (batch, *self.tensors.shape[1:])))
         return measure(lambda: self.session.run(x), budget, batch)
+
+    def end_to_end(self, budget: Budget) -> dict:
+        """What the service does for one upload at concurrency 1, in one thread: decode,
+        pre-process and session.run at batch 1, the uploads (JPEG and PNG) in turn as in the load."""
+        turn = iter(range(1 << 62))
+
+        def one():
+            body = self.uploads[next(turn) % len(self.uploads)][1]
+            self.session.run(self.prep(body)[None])
+        return measure(one, budget)
 
 
 def _batches(url: str) -> tuple[float, float]:
@@ -290,56 +301,92 @@ class _grpc_client:
 
 def service_level(name: str, version: Path, concurrencies: tuple[int, ...], seconds: float,
                   min_requests: int, max_requests: int, raw_budget: Budget, threads: int,
-                  work: Path) -> dict:
-    """Per concurrency: raw session.run at the batch size that concurrency allows (the server
-    idle meanwhile), then the served model under load, so that each ratio compares figures taken
-    a few seconds apart; and the service's mean batch size during each load."""
+                  work: Path, env: dict | None = None) -> dict:
+    """Per concurrency: the served model under load, and its raw reference taken a few seconds
+    from it (the server idle meanwhile), so that each ratio compares figures from one run:
+
+    - concurrency 1: decode, pre-process and session.run at batch 1 in one thread
+      (Raw.end_to_end), the whole of what the service does for one request;
+    - above: session.run at the batch size the batcher formed during that load (its mean,
+      rounded), on inputs pre-processed beforehand.
+
+    Also the service's mean batch size during each load, and the threads it served with."""
     uploads = images(name)
     baseline = Raw(version, uploads, threads)
     result = {"uploads": {n: len(b) for n, b, _ in uploads},
               "raw": {"preprocess": baseline.preprocess(raw_budget), "batches": {}}, "load": {}}
-    server = Server(version.parent.parent, work / f"serve-{name}.log")
+    server = Server(version.parent.parent, work / f"serve-{name}.log", env)
     model = read_metadata(version).name
     result["transports"] = {t: {} for t in TRANSPORTS}
     try:
         server.wait_ready()
-        if 1 not in concurrencies:
-            result["raw"]["batches"]["1"] = baseline.run(1, raw_budget)
+        result["served_as"] = _served_as(server.url, model)
         for c in concurrencies:
-            batch = min(c, MAX_BATCH_SIZE)
-            result["raw"]["batches"][str(batch)] = baseline.run(batch, raw_budget)
-            before = _batches(server.url)
-            result["load"][str(c)] = asyncio.run(
-                _load(server.url, uploads, c, seconds, max(min_requests, 2 * c), max_requests))
-            after = _batches(server.url)
-            row = result["load"][str(c)]
-            row["mean_batch_size"] = ((after[0] - before[0]) / (after[1] - before[1])
-                                      if after[1] > before[1] else None)
-            log.info("%s service concurrency %d: %.2f req/s, p50 %.1f ms (%d requests, %d errors)",
-                     name, c, row["throughput"], row.get("p50_ms", float("nan")), row["requests"],
-                     row["errors"])
+            if c == 1:
+                result["raw"]["end_to_end"] = baseline.end_to_end(raw_budget)
+            row = result["load"][str(c)] = _measured_load(server, uploads, c, seconds, min_requests, max_requests)
+            log.info("%s service concurrency %d: %.2f req/s, p50 %.1f ms (%d requests, %d errors, mean "
+                     "batch %s)", name, c, row["throughput"], row.get("p50_ms", float("nan")), row["requests"],
+                     row["errors"], row["mean_batch_size"])
+            if c > 1:
+                row["raw_batch"] = max(1, round(row["mean_batch_size"] or 1))
+                if str(row["raw_batch"]) not in result["raw"]["batches"]:
+                    result["raw"]["batches"][str(row["raw_batch"])] = baseline.run(row["raw_batch"], raw_budget)
             for transport in TRANSPORTS:
-                other = result["transports"][transport][str(c)] = asyncio.run(_load(
-                    server.url, uploads, c, seconds, max(min_requests, 2 * c), max_requests,
-                    transport, server.grpc_target, model))
-                other["raw_batch"] = batch
+                other = result["transports"][transport][str(c)] = _measured_load(
+                    server, uploads, c, seconds, min_requests, max_requests, transport, model)
                 log.info("%s %s concurrency %d: %.2f req/s (%d errors)", name, transport, c,
                          other["throughput"], other["errors"])
     finally:
         server.stop()
-    raw_b1 = result["raw"]["batches"]["1"]
+    raw = result["raw"]
+    if "end_to_end" in raw:      # items/s from the mean: JPEG and PNG take different times
+        raw["end_to_end"]["throughput"] = 1e3 / raw["end_to_end"]["mean_ms"]
     for c, row in result["load"].items():
-        batch = str(min(int(c), MAX_BATCH_SIZE))
-        row["raw_batch"] = int(batch)
-        row["throughput_vs_raw"] = row["throughput"] / result["raw"]["batches"][batch]["throughput"]
-        if "p50_ms" in row:
-            row["p50_minus_raw_p50_ms"] = row["p50_ms"] - raw_b1["p50_ms"]
-    for rows in result["transports"].values():
-        for row in rows.values():
-            row["throughput_vs_raw"] = row["throughput"] / result["raw"]["batches"][str(row["raw_batch"])]["throughput"]
+        reference = _reference(raw, c, row)
+        row["raw_reference"], row["raw_throughput"] = reference
+        row["throughput_vs_raw"] = row["throughput"] / row["raw_throughput"]
+        if c == "1" and "p50_ms" in row:
+            row["p50_minus_raw_p50_ms"] = row["p50_ms"] - raw["end_to_end"]["p50_ms"]
+        for rows in result["transports"].values():     # against the same reference as REST
+            rows[c]["raw_reference"], rows[c]["raw_throughput"] = reference
+            rows[c]["throughput_vs_raw"] = rows[c]["throughput"] / reference[1]
     result["settings"] = {"max_batch_size": MAX_BATCH_SIZE, "server": "stepnet serve, default "
-                          "settings (STEPNET_* unset)", "client": "httpx.AsyncClient, closed loop, "
+                          "settings (STEPNET_* unset)" if not env else f"stepnet serve with {env}",
+                          "raw_threads": threads, "spinning": _spinning(), "client": "httpx.AsyncClient, closed loop, "
                           "multipart uploads, JPEG and PNG in turn", "transports": "the same images, "
                           "one per request: REST v2 binary BYTES (httpx) and gRPC ModelInfer BYTES "
                           "(tritonclient.grpc.aio)"}
     return result
+
+
+def _reference(raw: dict, concurrency: str, row: dict) -> tuple[str, float]:
+    """(what the raw reference of a load is, its items/s)."""
+    if concurrency == "1":
+        return "decode + pre-process + session.run, batch 1", raw["end_to_end"]["throughput"]
+    return f"session.run, batch {row['raw_batch']}", raw["batches"][str(row["raw_batch"])]["throughput"]
+
+
+def _measured_load(server: Server, uploads: list, c: int, seconds: float, min_requests: int,
+                   max_requests: int, transport: str = "rest", model: str | None = None) -> dict:
+    """One closed-loop load level, and the mean batch size the service formed during it."""
+    before = _batches(server.url)
+    row = asyncio.run(_load(server.url, uploads, c, seconds, max(min_requests, 2 * c), max_requests,
+                            transport, server.grpc_target, model))
+    after = _batches(server.url)
+    row["mean_batch_size"] = (after[0] - before[0]) / (after[1] - before[1]) if after[1] > before[1] else None
+    return row
+
+
+def _spinning() -> str:
+    """Whether idle intra-op threads spin, as the service's (and so the raw) sessions are set."""
+    value = session_options(1).get_session_config_entry("session.intra_op.allow_spinning")
+    return "on" if value == "1" else "off"
+
+
+def _served_as(url: str, model: str) -> dict:
+    """How the server runs the model: its instances (device, intra-op threads) and batching, from
+    GET /models."""
+    record = next(m for m in httpx.get(url + "/models", timeout=10).json()["models"] if m["name"] == model)
+    return {"instances": [{k: i[k] for k in ("device", "threads", "solo")} for i in record["instances"]],
+            "serving": record["serving"]}

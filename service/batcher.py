@@ -10,7 +10,10 @@ cancelled while it waits (client gone, timeout) leaves the queue, so its work is
 Instances (Triton's instance groups): a model version has one or more sessions, each an
 `Instance` with its own thread. A batch is formed once an instance is free and goes to the one
 idle longest, so with N instances up to N batches run at the same time; while all are busy, the
-next batch fills. A batch that fails fails its own requests only (500), and takes its instance
+next batch fills. A solo instance (on the CPU, one more session with every core, where the others
+split them) takes a batch only while no other instance runs one, and then it is the one taken: a
+lone request runs on all the cores, while concurrent batches run side by side on a share each,
+with no thread of one session waiting on a core another holds (docs/performance.md). A batch that fails fails its own requests only (500), and takes its instance
 out of rotation until a batch of zeros runs on it again (tried at once, then after 1, 2, 4 ... up
 to 30 s): the other instances serve on meanwhile.
 
@@ -54,6 +57,7 @@ class Instance:
     run: Callable[[np.ndarray], Sequence[np.ndarray]]
     probe: Callable[[], object]
     threads: int | None = None     # intra-op threads (CPU sessions)
+    solo: bool = False             # runs only while no other instance does (every CPU core)
     healthy: bool = True
     busy: bool = False
     batches: int = 0
@@ -100,6 +104,7 @@ class Batcher:
         if not instances:
             raise ValueError("a batcher needs at least one instance")
         self.instances, self.name, self.input_dtype = list(instances), name, np.dtype(input_dtype)
+        self._solo = any(i.solo for i in self.instances)
         model, _, version = name.rpartition(":")          # "model:version", for the batch spans
         self._model = (model or name, int(version) if version.isdigit() else 0)
         self.max_batch_size, self.max_queue_delay_s = max_batch_size, max_queue_delay_s
@@ -182,7 +187,14 @@ class Batcher:
         return True
 
     def _free_instance(self) -> Instance | None:
+        """The free instance idle longest. A solo instance is the one chosen while nothing runs
+        (else the others, when it is out of rotation), and is never chosen while anything does."""
         free = [i for i in self.instances if i.healthy and not i.busy]
+        if self._solo:
+            if any(i.busy for i in self.instances):
+                free = [i for i in free if not i.solo]
+            else:
+                free = [i for i in free if i.solo] or free
         return min(free, key=lambda i: i.idle_since) if free else None
 
     async def _serve(self) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.core.config import DEFAULT_CPU_INSTANCES, DEFAULT_GPU_INSTANCES, Settings
+from service.core.config import DEFAULT_GPU_INSTANCES, Settings
 from service.errors import ModelLoadError
 from service.metadata import ModelMetadata, read_metadata
 from service.metrics import Metrics
@@ -56,14 +56,15 @@ class Loader:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def placements(device: Device, settings: Settings, instances: int | None) -> list[tuple[int | None, int]]:
-    """(GPU ordinal or None for the CPU, intra-op threads) of each instance of a model version:
-    `instances` (or the default) on each device, in device order."""
+def placements(device: Device, settings: Settings,
+               instances: int | None) -> list[tuple[int | None, int, bool]]:
+    """(GPU ordinal or None for the CPU, intra-op threads, solo) of each instance of a model
+    version: `instances` (or the default) on each device, in device order; on the CPU, the solo
+    session last (Settings.cpu_instances)."""
     if device.kind == "cuda":
         count = instances or DEFAULT_GPU_INSTANCES
-        return [(gpu, settings.threads_per_instance(count)) for gpu in device.gpus for _ in range(count)]
-    count = instances or DEFAULT_CPU_INSTANCES
-    return [(None, settings.threads_per_instance(count))] * count
+        return [(gpu, settings.threads_per_instance(count), False) for gpu in device.gpus for _ in range(count)]
+    return [(None, threads, solo) for threads, solo in settings.cpu_instances(instances)]
 
 
 def open_version(meta: ModelMetadata, folder: Path, settings: Settings, device: Device,
@@ -83,8 +84,8 @@ def open_version(meta: ModelMetadata, folder: Path, settings: Settings, device: 
                              f"altered, or still being copied)")
     outputs = (meta.outputs.logits, meta.outputs.step_size, meta.outputs.nsi)
     sessions = []
-    for i, (gpu, threads) in enumerate(placements(device, settings, config.instances)):
-        session = Session(model, device, gpu, threads, outputs, f"{label} instance {i}")
+    for i, (gpu, threads, solo) in enumerate(placements(device, settings, config.instances)):
+        session = Session(model, device, gpu, threads, outputs, f"{label} instance {i}", solo=solo)
         _warm_up(session, meta, f"{label} instance {i}", config.max_batch_size)
         sessions.append(session)
     log.info("%s: %s ready in %.1f s: %d instance(s) on %s, batch sizes 1..%d warm (%s)", label, file,

@@ -90,8 +90,9 @@ class Session:
     """One ONNX model on one provider: run() takes a (B, C, H, W) batch, returns the outputs."""
 
     def __init__(self, model: bytes, device: Device, gpu: int | None, intra_op_threads: int,
-                 output_names: Sequence[str], label: str):
+                 output_names: Sequence[str], label: str, solo: bool = False):
         self.session = _create(model, device, gpu, intra_op_threads, label)
+        self.solo = solo          # the batcher gives it a batch only while no other session runs
         self.provider = self.session.get_providers()[0]
         self.device = f"cuda:{gpu or 0}" if self.provider == CUDA else "cpu"
         self.threads = None if self.provider == CUDA else intra_op_threads

@@ -94,6 +94,7 @@ class InstanceInfo(BaseModel):
     device: str = Field(description="cpu or cuda:N; the `device` label in /metrics")
     provider: str
     threads: int | None = Field(description="intra-op threads (CPU sessions)")
+    solo: bool = Field(description="runs a batch only while no other instance does (STEPNET_CPU_SOLO)")
     healthy: bool = Field(description="in rotation; false after a failed batch until it runs again")
     busy: bool = Field(description="running a batch now")
     batches: int = Field(description="batches it has run")

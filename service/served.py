@@ -40,7 +40,7 @@ class ServedModel:
         self._metrics, self._pool = metrics, preprocess_pool
         zeros = np.zeros((1, *meta.input.shape), self.sessions[0].input_dtype)
         instances = [Instance(str(i), session.device, self._runner(session), partial(session.run, zeros),
-                              session.threads) for i, session in enumerate(self.sessions)]
+                              session.threads, session.solo) for i, session in enumerate(self.sessions)]
         self.batcher = Batcher(instances, name=f"{self.name}:{self.version}",
                                input_dtype=self.sessions[0].input_dtype, max_batch_size=config.max_batch_size,
                                max_queue_delay_s=config.max_queue_delay_ms / 1000.0,

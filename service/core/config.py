@@ -12,7 +12,8 @@ MIN_ADMIN_KEY_LENGTH = 16
 DEVICE_RULE = "auto, cpu, cuda (every visible GPU) or a list of GPUs such as cuda:0,1 or cuda:0,cuda:2"
 _GPU_LIST = re.compile(r"cuda:(\d+)(,(cuda:)?\d+)*")
 # STEPNET_INSTANCES unset: sessions per model version on each GPU, and on the CPU (which then
-# splits its cores between them). Measured in benchmarks/results (docs/performance.md).
+# splits its cores between them, plus the solo session of STEPNET_CPU_SOLO). Measured in
+# benchmarks/results (docs/performance.md).
 DEFAULT_GPU_INSTANCES = 1
 DEFAULT_CPU_INSTANCES = 1
 
@@ -95,6 +96,10 @@ class Settings(BaseSettings):
                                     description="threads decoding and pre-processing images")
     intra_op_threads: int | None = Field(None, ge=1, description="ONNX Runtime CPU provider threads per "
                                          "session; default: the cores split between the CPU instances")
+    cpu_solo: bool = Field(True, description="with several CPU instances that split the cores, one more "
+                                             "session with every core, given a batch only while no "
+                                             "other runs: a lone request gets all the cores, "
+                                             "concurrent ones an instance each (service.batcher)")
     stiffness_history: int = Field(10_000, ge=1,
                                    description="requests per model version kept for /stiffness")
     shutdown_timeout_s: float = Field(30.0, ge=0,
@@ -117,6 +122,16 @@ class Settings(BaseSettings):
         """Intra-op threads of each CPU session: STEPNET_INTRA_OP_THREADS, or the cores split
         evenly between the instances (at least one each)."""
         return self.intra_op_threads or max(1, cpu_count() // cpu_instances)
+
+    def cpu_instances(self, instances: int | None) -> list[tuple[int, bool]]:
+        """(intra-op threads, solo) of each CPU session of a model version: `instances` (default
+        DEFAULT_CPU_INSTANCES, at most one per core) splitting the cores, then the solo session
+        with every core where STEPNET_CPU_SOLO is on and the others do not each have them all."""
+        cores = cpu_count()
+        count = instances or min(DEFAULT_CPU_INSTANCES, cores)
+        threads = self.threads_per_instance(count)
+        solo = [(cores, True)] if self.cpu_solo and count > 1 and threads < cores else []
+        return [(threads, False)] * count + solo
 
     @field_validator("admin_key", mode="before")
     @classmethod

@@ -206,3 +206,53 @@ def test_a_failing_instance_fails_its_batch_and_is_out_of_rotation_until_its_pro
     served, broken = asyncio.run(main())
     assert all(float(r.outputs[0]) == 4.0 * i for rs in served for i, r in enumerate(rs))
     assert len(broken.batches) == 2                              # back in rotation: it ran a batch again
+
+
+def test_a_solo_instance_takes_the_lone_batches_and_none_while_another_runs():
+    """Two instances sharing the cores and a solo one (every core): requests one at a time all run
+    on the solo instance; a batch that comes while one runs goes to a sharing instance, even with
+    the solo one idle; with the solo instance out of rotation, lone batches go to the others."""
+    async def until(condition):
+        for _ in range(200):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("timed out")
+
+    async def main():
+        models = [Model(), Model(), Model(fail=True)]
+        instances = [Instance("0", "cpu", models[0], models[0].probe, 1),
+                     Instance("1", "cpu", models[1], models[1].probe, 1),
+                     Instance("2", "cpu", models[2], models[2].probe, 2, solo=True)]
+        b = Batcher(instances, name="m:1", input_dtype=np.float32, metrics=Metrics().for_model("m", 1),
+                    max_batch_size=4, max_queue_delay_s=0.0, max_queue_size=8)
+        b.start()
+        models[2].fail = False
+        for _ in range(3):
+            await submit_all(b, rows(1))
+        assert [m.batches for m in models] == [[], [], [1, 1, 1]]
+
+        models[2].release.clear()
+        models[0].release.clear()
+        first = asyncio.ensure_future(submit_all(b, rows(1)))
+        await until(lambda: instances[2].busy)
+        second = asyncio.ensure_future(submit_all(b, rows(1)))      # the solo one runs: instance 0
+        await until(lambda: instances[0].busy)
+        models[2].release.set()
+        await first
+        await submit_all(b, rows(1))                   # instance 0 runs: instance 1, not the idle solo
+        assert [m.batches for m in models] == [[], [1], [1, 1, 1, 1]]
+        models[0].release.set()
+        await second
+        await submit_all(b, rows(1))                   # nothing runs: the solo one again
+        assert [m.batches for m in models] == [[1], [1], [1, 1, 1, 1, 1]]
+
+        models[2].fail = models[2].probe_fails = True
+        with pytest.raises(InferenceFailed):
+            await submit_all(b, rows(1))
+        assert not instances[2].healthy
+        await submit_all(b, rows(1))                   # out of rotation: a sharing instance serves
+        assert len(models[0].batches) + len(models[1].batches) == 3
+        await b.close(5)
+
+    asyncio.run(main())

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.schemas import PredictResponse
+
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -40,7 +42,11 @@ def test_predicts_test_digits_sent_as_png(client, digits, encode):
 
 def test_response_has_predictions_layers_and_timing(client, digit_png, default_model):
     meta = json.loads((default_model / "model.json").read_text())
-    body = predict(client, digit_png, top_k=3).json()
+    response = predict(client, digit_png, top_k=3)
+    assert response.headers["content-type"] == "application/json"
+    # the route writes plain data for speed: it must still be exactly what /docs promises
+    assert PredictResponse.model_validate_json(response.content).model_dump(mode="json") == response.json()
+    body = response.json()
     assert body["model"] == "stepnet-digits" and body["version"] == 1
     predictions = body["predictions"]
     assert len(predictions) == 3

@@ -28,7 +28,7 @@ async def models(repository: RepositoryDep) -> ModelsResponse:
 
 def _instances(served: ServedModel) -> list[InstanceInfo]:
     return [InstanceInfo(name=i.name, device=i.device, provider=session.provider, threads=i.threads,
-                         healthy=i.healthy, busy=i.busy, batches=i.batches, last_error=i.last_error)
+                         solo=i.solo, healthy=i.healthy, busy=i.busy, batches=i.batches, last_error=i.last_error)
             for i, session in zip(served.batcher.instances, served.sessions)]
 
 
