@@ -13,7 +13,9 @@ idle longest, so with N instances up to N batches run at the same time; while al
 next batch fills. A solo instance (on the CPU, one more session with every core, where the others
 split them) takes a batch only while no other instance runs one, and then it is the one taken: a
 lone request runs on all the cores, while concurrent batches run side by side on a share each,
-with no thread of one session waiting on a core another holds (docs/performance.md). A batch that fails fails its own requests only (500), and takes its instance
+with no thread of one session waiting on a core another holds (measured in
+benchmarks/results/amd-epyc-2c-2026-12-03-0946-instances.md). A batch that fails fails its own
+requests only (500), and takes its instance
 out of rotation until a batch of zeros runs on it again (tried at once, then after 1, 2, 4 ... up
 to 30 s): the other instances serve on meanwhile.
 
