@@ -126,6 +126,9 @@ class StateCollector(Collector):
         depth = GaugeMetricFamily("stepnet_queue_depth",
                                   "Requests admitted and not yet running (pre-processing or queued)",
                                   labels=["model", "version"])
+        capacity = GaugeMetricFamily("stepnet_queue_capacity", "Requests the model admits before it "
+                                     "refuses with 503 (its max_queue_size): alerts divide "
+                                     "stepnet_queue_depth by it", labels=["model", "version"])
         instance = ["model", "version", "instance", "device"]
         up = GaugeMetricFamily("stepnet_instance_up", "1 while the instance is in rotation, 0 while "
                                "it is out after a failed batch", labels=instance)
@@ -142,6 +145,7 @@ class StateCollector(Collector):
             labels = [served.name, str(served.version)]
             info.add_metric([*labels, served.provider, served.file], 1)
             depth.add_metric(labels, served.batcher.depth)
+            capacity.add_metric(labels, served.batcher.max_queue_size)
             for one in served.batcher.instances:
                 up.add_metric([*labels, one.name, one.device], float(one.healthy))
                 busy.add_metric([*labels, one.name, one.device], float(one.busy))
@@ -154,7 +158,7 @@ class StateCollector(Collector):
                     nsi.add_metric([*labels, row.name], row.live.nsi_mean)
                 if row.drift is not None:
                     drift.add_metric([*labels, row.name], row.drift)
-        yield from (info, depth, up, busy, step, nsi, drift)
+        yield from (info, depth, capacity, up, busy, step, nsi, drift)
 
 
 class GpuCollector(Collector):

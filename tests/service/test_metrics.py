@@ -44,6 +44,8 @@ def test_metrics_after_traffic(client, digit_png):
     assert metrics["stepnet_requests_in_flight"].type == "gauge"
     assert metrics["stepnet_requests_in_flight"].samples[0].value >= 1        # this scrape
     assert samples(metrics["stepnet_queue_depth"], **model)[0].value == 0
+    assert metrics["stepnet_queue_capacity"].type == "gauge"
+    assert samples(metrics["stepnet_queue_capacity"], **model)[0].value > 0
     assert samples(metrics["stepnet_model_info"], **model, provider="CPUExecutionProvider")[0].value == 1
     step = samples(metrics["stepnet_layer_step_size_mean"], **model, layer="stage1.block1")[0].value
     assert 0 < step < 1
