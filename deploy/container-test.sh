@@ -11,7 +11,11 @@
 #      mounted model repository, and that STEPNET_DEVICE=cuda refuses to start without a GPU;
 #   5. validates both compose files, and brings the CPU stack up with podman-compose as far as
 #      images exist here (Prometheus from Debian's package; Grafana cannot be had), checking that
-#      Prometheus scrapes the service and that every dashboard query evaluates.
+#      Prometheus scrapes the service and that every dashboard query evaluates;
+#   6. runs the Kubernetes CPU overlay's Deployment with `podman kube play` (its env, probes,
+#      security context, read-only root filesystem and volumes, the model volume filled from
+#      model_repository/), serves /predict from it, and stops it with `podman kube down` while a
+#      request is in flight: the request is answered and the pod is gone within its grace period.
 # Needs root. Safe to rerun: images and the build cache are reused, and every container, pod and
 # network it starts is removed on exit. Every step is bounded in time.
 set -euo pipefail
@@ -27,6 +31,8 @@ SKIPPED=()
 CONTAINERS=()
 declare -A GRPC_PORT_FOR=()     # container name -> its STEPNET_GRPC_PORT (0: off)
 COMPOSE_UP=0
+KUBE_PLAY=""                            # the pod file `podman kube play` ran, for the cleanup
+KUBE_VOLUMES=()
 
 log() { printf '[container-test %4ds] %s\n' $((SECONDS - T0)) "$*" >&2; }
 die() { log "FAIL: $*"; exit 1; }
@@ -43,6 +49,12 @@ cleanup() {
         bounded 120 podman-compose -p "$PROJECT" -f "$CPU_COMPOSE" down -v >/dev/null 2>&1 || true
         pm 60 network rm -f "${PROJECT}_default" >/dev/null 2>&1 || true
     fi
+    if [[ -n $KUBE_PLAY ]]; then
+        pm 120 kube down "$KUBE_PLAY" >/dev/null 2>&1 || true
+    fi
+    for v in "${KUBE_VOLUMES[@]}"; do
+        pm 60 volume rm -f "$v" >/dev/null 2>&1 || true
+    done
     for c in "${CONTAINERS[@]}"; do
         pm 60 rm -f -t 5 "$c" >/dev/null 2>&1 || true
     done
@@ -63,7 +75,7 @@ export CONTAINERS_CONF=$WORK/containers.conf
 # --- 1. tools ---------------------------------------------------------------------------------
 install_tools() {
     local missing=()
-    for tool in podman runc debootstrap docker-compose podman-compose; do
+    for tool in podman runc debootstrap docker-compose podman-compose catatonit; do
         command -v "$tool" >/dev/null || missing+=("$tool")
     done
     ((${#missing[@]})) || return 0
@@ -71,7 +83,8 @@ install_tools() {
     export DEBIAN_FRONTEND=noninteractive
     bounded 600 apt-get update -q >"$WORK/apt.log" 2>&1 || { tail -20 "$WORK/apt.log"; die "apt-get update"; }
     # docker-compose only validates compose files here; its recommended Docker engine is not wanted.
-    bounded 900 apt-get install -y -q podman runc debootstrap >>"$WORK/apt.log" 2>&1 \
+    # catatonit: the init of the pause image that `podman kube play` builds for its pods
+    bounded 900 apt-get install -y -q podman runc debootstrap catatonit >>"$WORK/apt.log" 2>&1 \
         && bounded 600 apt-get install -y -q --no-install-recommends docker-compose podman-compose \
             >>"$WORK/apt.log" 2>&1 \
         || { tail -20 "$WORK/apt.log"; die "apt-get install ${missing[*]}"; }
@@ -318,7 +331,69 @@ bring_up_cpu_stack() {
     wait_ready "${PROJECT}_stepnet_1" "http://127.0.0.1:$HTTP_PORT" 120
     $PY deploy/container_checks.py traffic "http://127.0.0.1:$HTTP_PORT" deploy/testdata || die "traffic to the stack"
     $PY deploy/container_checks.py prometheus "http://127.0.0.1:$PROMETHEUS_PORT" \
-        deploy/grafana/dashboards/stepnet.json || die "Prometheus and the dashboard queries"
+        deploy/grafana/dashboards/stepnet.json deploy/prometheus/alerts.yml || die "Prometheus, the dashboard queries and the alerts"
+}
+
+# --- 6. the Kubernetes Deployment, with podman kube play -----------------------------------------
+kube_pod() {
+    local dir=$WORK/kube port url info grace claim mountpoint container elapsed started slow
+    if ! command -v kubectl >/dev/null; then
+        skip "podman kube play: no kubectl here to render deploy/kubernetes/overlays/cpu (kustomize); the manifests were schema-checked by make test"
+        return
+    fi
+    mkdir -p "$dir"
+    bounded 60 kubectl kustomize deploy/kubernetes/overlays/cpu >"$dir/rendered.yml" || die "kubectl kustomize overlays/cpu"
+    port=$(free_port)
+    url=http://127.0.0.1:$port
+    info=$($PY deploy/container_checks.py kube-pod "$dir/rendered.yml" "$dir" "$port") || die "the CPU overlay's pod"
+    grace=$($PY -c 'import json, sys; print(json.loads(sys.argv[1])["grace_s"])' "$info")
+    for claim in $($PY -c 'import json, sys; print(" ".join(json.loads(sys.argv[1])["claims"]))' "$info"); do
+        ! pm 30 volume exists "$claim" || die "a podman volume named $claim exists already; not touching it"
+        KUBE_VOLUMES+=("$claim")
+        pm 30 volume create "$claim" >/dev/null || die "podman volume create $claim"
+        mountpoint=$(pm 30 volume inspect --format '{{.Mountpoint}}' "$claim")
+        cp -a model_repository/. "$mountpoint/" || die "filling the volume $claim"
+        log "PersistentVolumeClaim $claim: a podman volume filled from model_repository/"
+    done
+    log "podman kube play of the CPU overlay's Deployment and ConfigMap (grace period $grace s), on port $port"
+    KUBE_PLAY=$dir/pod.yml
+    started=$SECONDS
+    pm 180 kube play --configmap "$dir/configmap.yml" "$KUBE_PLAY" >"$WORK/kube-play.log" 2>&1 \
+        || { cat "$WORK/kube-play.log" >&2; die "podman kube play"; }
+    # `podman kube play` prints "Pod:", the pod's id, "Container:", the container's id
+    container=$(awk '/^Container:/ { getline; print; exit }' "$WORK/kube-play.log")
+    [[ -n $container ]] || { cat "$WORK/kube-play.log" >&2; die "podman kube play started no container"; }
+    container=$(pm 30 inspect --format '{{.Name}}' "$container")
+    wait_ready "$container" "$url" 180
+    log "the pod is ready after $((SECONDS - started)) s; serving /predict from the volume"
+    $PY deploy/container_checks.py traffic "$url" deploy/testdata || die "/predict from the kube pod"
+    [[ $(pm 30 exec "$container" id -u) == 10001 ]] || die "the kube pod does not run as uid 10001"
+    if pm 30 exec "$container" touch /opt/venv/written 2>/dev/null; then
+        die "the kube pod's root filesystem is writable"
+    fi
+    pm 30 exec "$container" touch /tmp/written || die "the kube pod cannot write its /tmp emptyDir"
+    log "uid 10001, read-only root filesystem, /tmp writable (emptyDir)"
+
+    # The kubelet's order: SIGTERM to the containers, up to the grace period for them to exit, and
+    # only then the pod's sandbox. `podman kube down` (podman 4.3) stops the infra container, and
+    # with it the pod's network, at the same time as the service: a request still uploading is cut
+    # off (measured: connection reset, then 408 in the log). So the service's container is stopped
+    # first, with the manifest's grace period (podman ignores terminationGracePeriodSeconds and
+    # would give it 10 s), then the pod comes down.
+    log "stopping the pod as the kubelet does, with a request in flight: podman stop -t $grace, then podman kube down"
+    $PY deploy/container_checks.py slow-predict "$url" 3 &
+    slow=$!
+    sleep 1
+    started=$SECONDS
+    pm $((grace + 30)) stop -t "$grace" "$container" >"$WORK/kube-down.log" 2>&1 \
+        || { cat "$WORK/kube-down.log" >&2; die "podman stop of the kube pod's container"; }
+    pm 120 kube down "$KUBE_PLAY" >>"$WORK/kube-down.log" 2>&1 \
+        || { cat "$WORK/kube-down.log" >&2; die "podman kube down"; }
+    elapsed=$((SECONDS - started))
+    KUBE_PLAY=""
+    wait "$slow" || die "the request in flight during podman kube down was not answered"
+    ((elapsed < grace)) || die "podman kube down took $elapsed s, not within the $grace s grace period"
+    log "podman kube down: stopped in $elapsed s (grace period $grace s), the request in flight answered"
 }
 
 install_tools
@@ -329,4 +404,5 @@ build_image
 check_image
 check_compose_files
 bring_up_cpu_stack
+kube_pod
 for s in "${SKIPPED[@]}"; do log "skipped: $s"; done

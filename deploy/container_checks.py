@@ -8,11 +8,17 @@ compose files. Each command prints what it saw and exits non-zero on the first f
     traffic URL DIGITS_DIR            POST every digit once
     compose-diff GPU.yml CPU.yml      the two `docker-compose config` outputs differ only in the GPU
     dashboard DASHBOARD DATASOURCES   the dashboard refers only to the provisioned data source
-    prometheus URL DASHBOARD          the stepnet target is up and every dashboard query evaluates
+    prometheus URL DASHBOARD ALERTS   the stepnet target is up, every dashboard query evaluates and
+                                      the alert rules are loaded
+    kube-pod RENDERED OUT_DIR PORT    from a rendered overlay (kubectl kustomize), the Deployment
+                                      and ConfigMap that `podman kube play` runs; prints the grace period
+    slow-predict URL HOLD_S           POST a digit whose body arrives in two halves HOLD_S apart
+                                      (in flight across a shutdown); exit 0 on a 200 with predictions
 """
 
 import json
 import re
+import socket
 import sys
 import time
 import urllib.error
@@ -189,7 +195,7 @@ def promql(expr: str) -> str:
     return re.sub(r"\$\{?(model|version)\}?", ".*", expr)
 
 
-def cmd_prometheus(url: str, dashboard_file: str) -> None:
+def cmd_prometheus(url: str, dashboard_file: str, alerts_file: str) -> None:
     deadline = time.monotonic() + 90
     while True:
         targets = get_json(f"{url}/api/v1/targets")["data"]["activeTargets"]
@@ -215,9 +221,71 @@ def cmd_prometheus(url: str, dashboard_file: str) -> None:
     check(len(empty) == len(gpu_only), f"dashboard queries with no data: {sorted(set(empty) - set(gpu_only))}")
     print(f"  every dashboard query evaluates in Prometheus; with data except the GPU panels {gpu_only}")
 
+    import yaml
+
+    wanted = {r["alert"] for g in yaml.safe_load(Path(alerts_file).read_text())["groups"] for r in g["rules"]}
+    loaded = {r["name"]: r for g in get_json(f"{url}/api/v1/rules")["data"]["groups"] for r in g["rules"]}
+    check(wanted <= set(loaded), f"alert rules not loaded by Prometheus: {sorted(wanted - set(loaded))}")
+    broken = {name: loaded[name].get("lastError") for name in wanted if loaded[name].get("health") == "err"}
+    check(not broken, f"alert rules that fail to evaluate: {broken}")
+    print(f"  Prometheus loaded the {len(wanted)} alerts of {alerts_file}, none failing to evaluate")
+
+
+def cmd_kube_pod(rendered: str, out_dir: str, port: str) -> None:
+    """The CPU overlay's pod as `podman kube play` runs it. Podman has no Service, PVC provisioner,
+    scheduler or kubelet probes of its own, so what changes is only what it cannot take: one
+    replica, and a hostPort on loopback to reach the pod. Image, env (the Downward API's limits.cpu
+    included: podman resolves it), probes,
+    security context, the read-only root filesystem and the volumes are the manifest's own; the
+    PersistentVolumeClaim becomes the podman volume of the same name that the caller fills."""
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all(Path(rendered).read_text()) if d]
+    by_kind = {d["kind"]: d for d in docs if d["kind"] in ("Deployment", "ConfigMap")}
+    check(set(by_kind) == {"Deployment", "ConfigMap"}, f"{rendered}: no Deployment or ConfigMap")
+    deployment, config = by_kind["Deployment"], by_kind["ConfigMap"]
+    deployment["spec"]["replicas"] = 1
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    for entry in container["ports"]:
+        if entry["name"] == "http":
+            entry.update(hostPort=int(port), hostIP="127.0.0.1")
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    out = Path(out_dir)
+    (out / "pod.yml").write_text(yaml.safe_dump(deployment, sort_keys=False))
+    (out / "configmap.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    print(json.dumps({"grace_s": pod["terminationGracePeriodSeconds"], "claims": claims,
+                      "container": container["name"], "name": deployment["metadata"]["name"]}))
+
+
+def cmd_slow_predict(url: str, hold_s: str) -> None:
+    """A raw socket, since urllib sends a body in one piece: the headers and half the body, a pause
+    while the caller stops the pod, then the rest. The server must answer it before it exits."""
+    image = (Path(__file__).parent / "testdata" / "digit-3.png").read_bytes()
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+    address = urllib.parse.urlsplit(url)
+    head = (f"POST /predict HTTP/1.1\r\nHost: {address.netloc}\r\nConnection: close\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
+    with socket.create_connection((address.hostname, address.port), timeout=60) as conn:
+        conn.sendall(head.encode() + body[: len(body) // 2])
+        print("  half the upload sent; holding", flush=True)
+        time.sleep(float(hold_s))
+        conn.sendall(body[len(body) // 2:])
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    check(b" 200 " in status_line, f"in-flight request: {status_line!r} {rest[-300:]!r}")
+    predictions = json.loads(rest.partition(b"\r\n\r\n")[2])["predictions"]
+    check(predictions[0]["label"] == "3", f"in-flight request answered, but: {predictions[:1]}")
+    print(f"  the request in flight was answered: {status_line.decode()}, top-1 {predictions[0]['label']}")
+
 
 COMMANDS = {"ready": cmd_ready, "service": cmd_service, "traffic": cmd_traffic,
-            "compose-diff": cmd_compose_diff, "dashboard": cmd_dashboard, "prometheus": cmd_prometheus}
+            "compose-diff": cmd_compose_diff, "dashboard": cmd_dashboard, "prometheus": cmd_prometheus,
+            "kube-pod": cmd_kube_pod, "slow-predict": cmd_slow_predict}
 
 if __name__ == "__main__":
     try:
