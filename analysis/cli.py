@@ -4,9 +4,8 @@ import sys
 from pathlib import Path
 
 from analysis.defaults import DEFAULT_DEPTH, DEFAULT_EPOCHS, DEFAULT_SEEDS, DEFAULT_SPARSE_K
+from models.cli import DATA_DIR_HELP, DATASET_HELP
 from stepnet.errors import UserError
-
-DATASET_HELP = "digits (embedded, default) | cifar10 | cifar100 | imagefolder"
 
 
 def parse_sparse_k(text: str) -> tuple[int, ...]:
@@ -27,7 +26,7 @@ def _cmd_analyze(args) -> int:
                          seeds=args.seeds, epochs=args.epochs, sparse_k=parse_sparse_k(args.sparse_k),
                          checkpoints=tuple(args.checkpoints), checkpoint_dir=args.checkpoint_dir,
                          train_images=args.train_images, batch_size=args.batch_size, lr=args.lr,
-                         jobs=args.jobs, force=args.force)
+                         jobs=args.jobs, adaptor_bias=args.adaptor_init_bias, force=args.force)
     log = (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr))
     results = analyze(cfg, log)
     fam = results["families"]
@@ -44,7 +43,7 @@ def register(sub) -> None:
                     "parameters and FLOPs; per-block NSI profiles; step size against NSI; stage "
                     "stiffness ratios; StepNet with adaptors only at the k stiffest blocks.")
     p.add_argument("--dataset", help=f"{DATASET_HELP} (default digits, or that of --checkpoints)")
-    p.add_argument("--data-dir", type=Path, help="folder with the data set (cifar*, imagefolder)")
+    p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
     p.add_argument("--depth", type=int, help=f"network depth (default {DEFAULT_DEPTH})")
     p.add_argument("--seeds", type=int, help=f"train seeds 0..N-1 (default {DEFAULT_SEEDS})")
     p.add_argument("--epochs", type=int, help=f"epochs per model (default {DEFAULT_EPOCHS})")
@@ -60,6 +59,10 @@ def register(sub) -> None:
                    help="where the trained checkpoints go (default OUT/checkpoints)")
     p.add_argument("--train-images", type=int,
                    help="train on a fixed random subset of this many images (quick trials)")
+    p.add_argument("--adaptor-init-bias", type=float, metavar="BIAS",
+                   help="also train se and stepnet with their adaptors' last bias at BIAS, so that h "
+                        "starts near sigmoid(BIAS) (3: about 0.95, a plain network's steps of 1), and "
+                        "compare them (default: not)")
     p.add_argument("--batch-size", type=int, default=64, help="default 64")
     p.add_argument("--lr", type=float, default=0.1, help="peak learning rate (default 0.1)")
     p.add_argument("--jobs", type=int,

@@ -14,6 +14,13 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 from stepnet.repository import STEP_MEAN
 
 COLOURS = {"resnet": "#4c72b0", "se": "#dd8452", "stepnet": "#55a868"}
+VARIANT_COLOURS = {"se": "#8c3b0c", "stepnet": "#1b5e20"}     # se+biasB, stepnet+biasB: darker
+
+
+def colour(label: str) -> str:
+    """A family's colour; its +bias variant (analysis.study.RunKey.label) in a darker shade."""
+    family, _, variant = label.partition("+")
+    return (VARIANT_COLOURS if variant else COLOURS).get(family, "black")
 DPI = 130
 
 
@@ -57,7 +64,7 @@ def accuracy(results: dict, path: Path) -> None:
     fig = Figure(figsize=(6.5, 3.6), layout="constrained")
     ax = fig.subplots()
     for x, (family, summary) in enumerate(results["families"].items()):
-        _accuracy_points(ax, x, summary["accuracy"], COLOURS[family], x == 0)
+        _accuracy_points(ax, x, summary["accuracy"], colour(family), x == 0)
     _accuracy_axis(ax, results, list(results["families"]))
     ax.set_title(f"Test accuracy, depth {results['depth']}, {len(results['seeds'])} seed(s)")
     _save(fig, path)
@@ -74,8 +81,8 @@ def _accuracy_axis(ax, results: dict, labels: list[str]) -> None:
 
 
 def profiles(results: dict, key: str, path: Path) -> None:
-    """One panel per stage: per-block mean of `key` ("nsi" or "step_size") per family, shaded
-    between the min and max over the test samples."""
+    """One panel per stage: per-block mean of `key` ("nsi", "nsi_per_h" or "step_size") per
+    family, shaded between the min and max over the test samples."""
     stages = _stages(results)
     fig = Figure(figsize=(4.2 * len(stages), 3.8), layout="constrained")
     axes = fig.subplots(1, len(stages), squeeze=False, sharey=True)[0]
@@ -85,24 +92,58 @@ def profiles(results: dict, key: str, path: Path) -> None:
             pts = [(results["layers"][i]["block"], summary[f"{key}_mean"][i], summary[f"{key}_min"][i],
                     summary[f"{key}_max"][i]) for i in rows if summary[f"{key}_mean"][i] is not None]
             block, mean, low, high = map(np.array, zip(*pts))
-            ax.plot(block, mean, "o-", color=COLOURS[family], label=family)
-            ax.fill_between(block, low, high, color=COLOURS[family], alpha=0.15)
+            ax.plot(block, mean, "o-", color=colour(family), label=family)
+            ax.fill_between(block, low, high, color=colour(family), alpha=0.15)
         channels = results["layers"][rows[0]]["channels"]
         ax.set_title(f"stage {stage} ({channels} channels)")
         ax.set_xlabel("block")
         ax.set_xticks([results["layers"][i]["block"] for i in rows])
         ax.set_xlim(0.7, len(rows) + 0.3)
         ax.grid(alpha=0.3)
-    if key == "nsi":
-        _log_axis(axes[0], "y", [v for s in results["families"].values() for k in ("nsi_min", "nsi_max")
+    if key.startswith("nsi"):
+        _log_axis(axes[0], "y", [v for s in results["families"].values() for k in (f"{key}_min", f"{key}_max")
                                  for v in s[k]])
     else:
         axes[0].set_ylim(0, 1.05)
-    axes[0].set_ylabel("NSI (log scale)" if key == "nsi" else "step size h (mean over channels)")
+    axes[0].set_ylabel({"nsi": "NSI (log scale)", "nsi_per_h": "NSI / h of the block before (log scale)"}.get(
+        key, "step size h (mean over channels)"))
     axes[0].legend(fontsize=8)
-    what = "NSI (block 1 of a stage has none)" if key == "nsi" else "Step size"
+    what = {"nsi": "NSI (block 1 of a stage has none)",
+            "nsi_per_h": "NSI divided by the previous block's mean step size"}.get(key, "Step size")
     fig.suptitle(f"{what}: mean over test samples and seeds; band: min to max over the test samples "
                  "of all seeds", fontsize=11)
+    _save(fig, path)
+
+
+def paper_profiles(results: dict, path: Path) -> None:
+    """The paper's NSI figure: a row per family, a panel per stage, NSI against block index with
+    one thin line per test image (study.SAMPLE_CURVES of the first seed), the mean over all test
+    images and seeds, and the min / max envelope over the test images of all seeds (dashed)."""
+    stages, families = _stages(results), results["families"]
+    fig = Figure(figsize=(4.2 * len(stages), 3.0 * len(families)), layout="constrained")
+    grid = fig.subplots(len(families), len(stages), squeeze=False, sharey=True)
+    for axes, (family, summary) in zip(grid, families.items()):
+        shade = colour(family)
+        for ax, stage in zip(axes, stages):
+            rows = [i for i, row in enumerate(results["layers"])
+                    if row["stage"] == stage and summary["nsi_mean"][i] is not None]
+            block = [results["layers"][i]["block"] for i in rows]
+            for curve in summary["nsi_samples"]:
+                ax.plot(block, [curve[i] for i in rows], color=shade, alpha=0.18, linewidth=0.7)
+            ax.plot(block, [summary["nsi_mean"][i] for i in rows], "o-", color="black", markersize=3,
+                    linewidth=1.6, label="mean")
+            for key, label in (("nsi_min", "min / max"), ("nsi_max", None)):
+                ax.plot(block, [summary[key][i] for i in rows], "--", color=shade, linewidth=1.1, label=label)
+            ax.set_title(f"{family}, stage {stage}", fontsize=10)
+            ax.set_xticks(block)
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("NSI (log scale)")
+    for ax in grid[-1]:
+        ax.set_xlabel("block")
+    _log_axis(grid[0][0], "y", [v for s in families.values() for k in ("nsi_min", "nsi_max") for v in s[k]])
+    grid[0][0].legend(fontsize=8)
+    fig.suptitle(f"NSI per block: {len(families[next(iter(families))]['nsi_samples'])} test images of seed 0 "
+                 "(thin), the mean over all test images and seeds, min / max over them (dashed)", fontsize=11)
     _save(fig, path)
 
 
@@ -152,7 +193,7 @@ def stage_ratios(results: dict, path: Path) -> None:
         x = np.arange(len(stages)) + (j - (len(families) - 1) / 2) * width
         stds = [r["std"] for r in rows]
         ax.bar(x, [r["mean"] for r in rows], width, yerr=None if None in stds else stds, capsize=3,
-               color=COLOURS[family], label=family)
+               color=colour(family), label=family)
     ax.set_xticks(range(len(stages)), [f"stage {s}" for s in stages])
     ax.set_ylabel("max NSI / min NSI in the stage")
     ax.set_title("Stage stiffness ratio: median over test samples,\nmean and std over seeds")

@@ -4,13 +4,14 @@ Every number in the report is formatted from the results dict, which is also wri
 OUT/results.json, so the two never disagree.
 """
 
+import math
 from pathlib import Path
 
 from analysis import plots
 
 FIGURES = {"accuracy": "accuracy.png", "nsi": "nsi_profiles.png", "step_size": "step_size_profiles.png",
            "scatter": "step_size_vs_nsi.png", "ratios": "stage_stiffness_ratios.png",
-           "sparse": "sparse_adaptors.png"}
+           "sparse": "sparse_adaptors.png", "paper": "nsi_paper_layout.png", "per_h": "nsi_per_step_size.png"}
 
 
 def percent(value: float, std: float | None = None) -> str:
@@ -36,6 +37,8 @@ def figures(out: Path, results: dict, samples: dict) -> None:
     plots.accuracy(results, out / FIGURES["accuracy"])
     plots.profiles(results, "nsi", out / FIGURES["nsi"])
     plots.profiles(results, "step_size", out / FIGURES["step_size"])
+    plots.paper_profiles(results, out / FIGURES["paper"])
+    plots.profiles(results, "nsi_per_h", out / FIGURES["per_h"])
     plots.step_size_vs_nsi(results, samples, out / FIGURES["scatter"])
     plots.stage_ratios(results, out / FIGURES["ratios"])
     plots.sparse(results, out / FIGURES["sparse"])
@@ -50,8 +53,9 @@ def _command(r: dict) -> str:
         return "`stepnet analyze --checkpoints ...` (given checkpoints)"
     k = ",".join(str(row["k"]) for row in r["sparse"][1:-1]) or "none"
     extra = "".join(f" --{flag} {r[key]}" for flag, key, default in (
-        ("train-images", "train_images", None), ("batch-size", "batch_size", 64), ("lr", "lr", 0.1))
-        if r[key] != default and (key != "train_images" or r["train_subset"]))
+        ("train-images", "train_images", None), ("batch-size", "batch_size", 64), ("lr", "lr", 0.1),
+        ("adaptor-init-bias", "adaptor_bias", None))
+        if r.get(key) != default and (key != "train_images" or r["train_subset"]))
     return (f"`stepnet analyze --dataset {r['dataset']} --depth {r['depth']} --seeds {len(r['seeds'])} "
             f"--epochs {r['epochs']} --sparse-k {k}{extra}`")
 
@@ -77,24 +81,24 @@ def summary(r: dict) -> list[str]:
     lines = [f"Mean test accuracy over {len(r['seeds'])} seed(s): "
              + ", ".join(f"{f} {percent(fam[f]['accuracy_mean'])}" for f in ranked)
              + f"; one test image is {100 / r['test_images']:.2f} points."]
-    lines += [f"{c['a']} is {_versus(c, c['b'])}." for c in r["comparisons"]]
+    lines += [f"{c['a']} is {_versus(c, c['b'])}{_paired(c)}." for c in r["comparisons"]]
     beaten = [f for f in ("resnet", "se")
               if round(fam[f]["accuracy_mean"], 9) >= round(fam["stepnet"]["accuracy_mean"], 9)]
     if beaten:
         lines.append(f"**On this data set stepnet does not beat {' or '.join(beaten)}** with this recipe.")
-    for family in ("se", "stepnet"):
+    for family in [f for f in fam if f != "resnet"]:
         s = fam[family]
         lines.append(f"{family}: the adaptor's step size h, averaged over channels, ranges from "
                      f"{min(s['step_size_min']):.2f} to {max(s['step_size_max']):.2f} over all blocks "
                      f"and test samples (block means {_range(s['step_size_mean'])}).")
-    for family in ("se", "stepnet"):
+    for family in [f for f in fam if f != "resnet"]:
         ratio = sum(fam[family]["nsi_mean"][i] / fam["resnet"]["nsi_mean"][i] for i in defined) / len(defined)
         step = sum(fam[family]["step_size_mean"][i] for i in defined) / len(defined)
         lines.append(f"{family}'s NSI is on average {ratio:.2f} times resnet's, block by block; with "
                      f"a mean step of {step:.2f}, x_t - x_(t-1) = h ⊙ f_(t-1) is about {1 / step:.2f} "
                      "times shorter for the same f, which explains most of the level: compare the "
                      "shapes of the profiles, not their heights.")
-    for family in ("se", "stepnet"):
+    for family in [f for f in fam if f != "resnet"]:
         across = fam[family]["spearman_across_layers"]
         if across is not None:
             trend = ("no clear rank relation between a block's NSI and its mean step" if abs(across) < 0.3
@@ -151,15 +155,42 @@ def _section(heading: str, body: list[str], *figures: tuple[str, str]) -> list[s
     return [heading, "", *body, "", *(line for alt, key in figures for line in (f"![{alt}]({FIGURES[key]})", ""))]
 
 
+def interval(bounds: list[float] | None, scale: float = 100) -> str:
+    """A 95 % interval as '[97.10, 98.30]' (points), or '-' where there is none."""
+    return "-" if bounds is None else f"[{scale * bounds[0]:.2f}, {scale * bounds[1]:.2f}]"
+
+
+def _paired(c: dict) -> str:
+    """study.paired's result, for the line after _versus's."""
+    p = c.get("paired")
+    if p is None or p["p_value"] is None:
+        return ""
+    verdict = "significant" if p["p_value"] < 0.05 else "not significant"
+    return (f"; paired seed by seed: {p['difference']:+.2f} points, 95 % interval "
+            f"{interval(p['ci95'], 1)}, paired t-test p = {p['p_value']:.2f}, {verdict}")
+
+
 def _accuracy_section(r: dict) -> list[str]:
     return _section("## 1. Accuracy, parameters and FLOPs", [
-        "| family | test accuracy (mean ± std over seeds) | per seed | parameters | FLOPs per image |",
-        "|---|---|---|---|---|",
-        *(f"| {f} | {percent(s['accuracy_mean'], s['accuracy_std'])} | "
-          f"{', '.join(percent(a) for a in s['accuracy'])} | {s['params']:,} | {s['flops']:,} |"
+        "| family | test accuracy (mean ± std over seeds) | 95 % interval over seeds | per seed "
+        "(95 % Wilson interval over its test images) | parameters | FLOPs per image |",
+        "|---|---|---|---|---|---|",
+        *(f"| {f} | {percent(s['accuracy_mean'], s['accuracy_std'])} | {interval(s.get('accuracy_ci95'))} | "
+          + ", ".join(f"{percent(a)} {interval(w)}" for a, w in zip(s["accuracy"], s.get("accuracy_wilson95")
+                                                                   or [None] * len(s["accuracy"])))
+          + f" | {s['params']:,} | {s['flops']:,} |"
           for f, s in r["families"].items()),
         "",
-        *(f"- {c['a']} is {_versus(c, c['b'])}." for c in r["comparisons"]),
+        *(f"- {c['a']} is {_versus(c, c['b'])}{_paired(c)}." for c in r["comparisons"]),
+        "",
+        *([f"The +bias{r['adaptor_bias']:g} variants start their adaptors' last layer with bias "
+           f"{r['adaptor_bias']:g}, so h starts near sigmoid({r['adaptor_bias']:g}) = "
+           f"{1 / (1 + math.exp(-r['adaptor_bias'])):.2f}: the plain network's steps of 1. The others "
+           "start at PyTorch's default, h near 0.5.", ""] if r.get("adaptor_bias") is not None else []),
+        "The interval over seeds is Student's t on the seeds' accuracies: where another set of seeds "
+        "would put the mean. Each run's Wilson interval is the binomial one on its test images: how "
+        "far another test set of that size could move it. The paired test compares the two "
+        "families seed by seed, which removes what a seed does to both.",
         "",
         f"With {len(r['seeds'])} seed(s) and {r['test_images']} test images these tests have little "
         "power, and their p-values are not corrected for the several comparisons of this report.",
@@ -185,7 +216,22 @@ def _nsi_section(r: dict) -> list[str]:
         *(f"| {r['layers'][i]['name']} | " + " | ".join(
             f"{number(s['nsi_mean'][i])} [{number(s['nsi_min'][i])}, {number(s['nsi_max'][i])}]"
             for s in fam.values()) + " |" for i in _defined(r)),
-    ], ("NSI profiles, one panel per stage", "nsi"), ("Step size profiles, one panel per stage", "step_size"))
+        "",
+        "Laid out as the paper's figure (one row per family; thin lines: single test images of "
+        "seed 0; black: the mean; dashed: min and max over the test images of all seeds):",
+        "",
+        "![NSI per block, laid out as the paper's figure](" + FIGURES["paper"] + ")",
+        "",
+        "The same profiles divided by the mean step size h of the block before, which made "
+        "x_t - x_(t-1) = h_(t-1) ⊙ f_(t-1); for resnet (h = 1) nothing changes:",
+        "",
+        "| block | " + " | ".join(fam) + " |",
+        "|---|" + "---|" * len(fam),
+        *(f"| {r['layers'][i]['name']} | " + " | ".join(
+            f"{number(s['nsi_per_h_mean'][i])} [{number(s['nsi_per_h_min'][i])}, {number(s['nsi_per_h_max'][i])}]"
+            if s.get("nsi_per_h_mean") else "-" for s in fam.values()) + " |" for i in _defined(r)),
+    ], ("NSI profiles, one panel per stage", "nsi"), ("NSI / previous step size, one panel per stage", "per_h"),
+       ("Step size profiles, one panel per stage", "step_size"))
 
 
 def _step_size_section(r: dict) -> list[str]:

@@ -3,8 +3,11 @@
 Trains (or loads) resnet, se and stepnet at one depth over several seeds, runs each over the test
 split with diagnostics, and computes:
 
-1. accuracy (mean and std over seeds), parameters and FLOPs per family;
-2. per-block NSI (and step size) profiles with min/max envelopes over the test samples;
+1. accuracy (mean and std over seeds, 95 % intervals over seeds and over test images, paired
+   tests seed by seed), parameters and FLOPs per family;
+2. per-block NSI (and step size) profiles with min/max envelopes over the test samples, laid out
+   as the paper's figure (per-sample curves, mean, envelope), and NSI divided by the previous
+   block's step size, since x_t - x_(t-1) = h_(t-1) ⊙ f_(t-1) makes NSI's level follow 1/h;
 3. step size against NSI: Spearman rank correlation across layers and within each layer;
 4. stage stiffness ratios (DESIGN 1.1);
 5. sparse adaptors: StepNet with an adaptor only at the k blocks of highest reference NSI, where
@@ -42,6 +45,7 @@ from stepnet.errors import UserError
 from stepnet.repository import STEP_MEAN
 
 REFERENCE_IMAGES = 2000        # training images the reference NSI profile is measured on
+SAMPLE_CURVES = 40             # test images whose own NSI profiles the paper-style figure draws
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 
 
@@ -60,6 +64,7 @@ class AnalysisConfig:
     batch_size: int = 64
     lr: float = 0.1
     jobs: int | None = None                # models trained at once; None: one per CPU core
+    adaptor_bias: float | None = None      # also se and stepnet with h starting near sigmoid(bias)
     force: bool = False
 
 
@@ -80,11 +85,17 @@ class RunKey:
     family: str
     seed: int
     blocks: tuple[str, ...] | None = None  # adaptor blocks of a sparse stepnet; None: all
+    bias: float | None = None              # models.net.NetConfig.adaptor_bias
+
+    @property
+    def label(self) -> str:
+        """The family as the report names it: "stepnet", "stepnet-top3", "se+bias3"."""
+        kind = self.family if self.blocks is None else f"stepnet-top{len(self.blocks)}"
+        return kind if self.bias is None else f"{kind}+bias{self.bias:g}"
 
     @property
     def name(self) -> str:
-        kind = self.family if self.blocks is None else f"stepnet-top{len(self.blocks)}"
-        return f"{kind}-seed{self.seed}"
+        return f"{self.label}-seed{self.seed}"
 
 
 # ---------------------------------------------------------------- inputs: recipe and given checkpoints
@@ -99,7 +110,8 @@ def _unique(configs: list[dict], what: str, get) -> object:
 
 def _run_key(config: dict) -> RunKey:
     blocks = config["model"].get("adaptor_blocks")
-    return RunKey(config["model"]["family"], int(config["seed"]), None if blocks is None else tuple(blocks))
+    return RunKey(config["model"]["family"], int(config["seed"]), None if blocks is None else tuple(blocks),
+                  config["model"].get("adaptor_bias"))
 
 
 def _given_runs(cfg: AnalysisConfig) -> tuple[Recipe, dict[RunKey, Path]]:
@@ -125,7 +137,8 @@ def _given_runs(cfg: AnalysisConfig) -> tuple[Recipe, dict[RunKey, Path]]:
     for name, value in (("--dataset", cfg.dataset), ("--depth", cfg.depth)):
         if value is not None and value != getattr(recipe, name[2:]):
             raise UserError(f"{name} {value} differs from the checkpoints' {getattr(recipe, name[2:])}")
-    seeds = {f: sorted(k.seed for k in given if k.family == f and k.blocks is None) for f in FAMILIES}
+    seeds = {f: sorted(k.seed for k in given if k.family == f and k.blocks is None and k.bias is None)
+             for f in FAMILIES}
     if not all(seeds.values()) or len({tuple(s) for s in seeds.values()}) != 1:
         have = "; ".join(f"{f}: {', '.join(map(str, s)) or 'none'}" for f, s in seeds.items())
         raise UserError(f"--checkpoints must hold resnet, se and stepnet for the same seeds ({have})")
@@ -198,6 +211,34 @@ def compare(a: list[float], b: list[float]) -> dict:
     return {"difference": 100 * float(np.mean(a) - np.mean(b)), "p_value": p_value}
 
 
+def paired(a: list[float], b: list[float]) -> dict:
+    """Accuracy a minus b, seed by seed (the same seed trains both on the same data order and
+    initial backbone weights): the mean difference in points, its 95 % t-interval and the
+    p-value of the paired t-test (None with fewer than two pairs or no spread)."""
+    diff = 100 * (np.asarray(a, float) - np.asarray(b, float))
+    out = {"difference": float(diff.mean()), "ci95": None, "p_value": None}
+    if len(diff) > 1 and np.ptp(diff) > 0:
+        half = float(stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff)))
+        out.update(ci95=[out["difference"] - half, out["difference"] + half],
+                   p_value=float(stats.ttest_rel(a, b).pvalue))
+    return out
+
+
+def accuracy_ci(accuracy: list[float]) -> list[float] | None:
+    """95 % t-interval of the mean accuracy over seeds (what another set of seeds would give)."""
+    if len(accuracy) < 2:
+        return None
+    mean, std = _mean_std(accuracy)
+    half = float(stats.t.ppf(0.975, len(accuracy) - 1) * std / np.sqrt(len(accuracy)))
+    return [mean - half, mean + half]
+
+
+def wilson_ci(correct: int, total: int) -> list[float]:
+    """95 % Wilson interval of one run's test accuracy (what another test set would give)."""
+    interval = stats.binomtest(correct, total).proportion_ci(0.95, method="wilson")
+    return [float(interval.low), float(interval.high)]
+
+
 def _mean_std(values: list[float]) -> tuple[float, float | None]:
     return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
 
@@ -233,10 +274,22 @@ def summarize_family(runs: list[dict], layers: list[dict]) -> dict:
         full[defined] = values
         return _none_if_nan(full)
 
+    # NSI over the step that made x_t - x_(t-1): h_(t-1) (mean over channels) of the block before,
+    # which is in the same stage wherever NSI is defined
+    previous = np.flatnonzero(defined) - 1
+    per_h = np.concatenate([r["nsi"][:, defined] / r["step_size"][:, previous, STEP_MEAN] for r in runs])
+    per_h_means = np.stack([(r["nsi"][:, defined] / r["step_size"][:, previous, STEP_MEAN]).mean(0) for r in runs])
+    curves = runs[0]["nsi"][:SAMPLE_CURVES]                                 # (samples, L), NaN: undefined
+
     accuracy = [float(r["correct"].mean()) for r in runs]
     acc_mean, acc_std = _mean_std(accuracy)
     return {
         "accuracy": accuracy, "accuracy_mean": acc_mean, "accuracy_std": acc_std,
+        "accuracy_ci95": accuracy_ci(accuracy),
+        "accuracy_wilson95": [wilson_ci(int(r["correct"].sum()), len(r["correct"])) for r in runs],
+        "nsi_samples": [_none_if_nan(curve) for curve in curves],
+        "nsi_per_h_mean": per_layer(per_h_means.mean(0)), "nsi_per_h_min": per_layer(per_h.min(0)),
+        "nsi_per_h_max": per_layer(per_h.max(0)),
         "params": runs[0]["params"], "flops": runs[0]["flops"],
         "nsi_mean": per_layer(nsi_means.mean(0)), "nsi_min": per_layer(nsi.min(0)),
         "nsi_max": per_layer(nsi.max(0)),
@@ -287,6 +340,7 @@ class _Runner:
     def __init__(self, recipe: Recipe, cfg: AnalysisConfig, given: dict[RunKey, Path], total: int,
                  log: Callable[[str], None]):
         self.recipe, self.cfg, self.given, self.total, self.log = recipe, cfg, given, total, log
+        self.biases = () if cfg.adaptor_bias is None else (cfg.adaptor_bias,)   # the variant runs
         self.test_set, self.info = data.load(recipe.dataset, "test", cfg.data_dir)
         self.folder = cfg.checkpoint_dir or cfg.out / "checkpoints"
         self.pool: ProcessPoolExecutor | None = None
@@ -307,7 +361,8 @@ class _Runner:
         r = self.recipe
         job = TrainConfig(out=self.folder / key.name, dataset=r.dataset, data_dir=self.cfg.data_dir,
                           family=key.family, depth=r.depth, epochs=r.epochs, batch_size=r.batch_size,
-                          lr=r.lr, seed=key.seed, adaptor_blocks=key.blocks, train_images=r.train_images,
+                          lr=r.lr, seed=key.seed, adaptor_blocks=key.blocks, adaptor_bias=key.bias,
+                          train_images=r.train_images,
                           workers=0, force=True, progress=False)   # the pool's processes share the cores
         if self.pool is None:
             self._finished(key, train(job))
@@ -371,6 +426,8 @@ def _plan(cfg: AnalysisConfig) -> tuple[Recipe, dict[RunKey, Path], list[dict], 
                         f"of depth {recipe.depth} with a defined NSI")
     if cfg.jobs is not None and cfg.jobs < 1:
         raise UserError("--jobs must be at least 1")
+    if cfg.adaptor_bias is not None and not abs(cfg.adaptor_bias) < 30:
+        raise UserError("--adaptor-init-bias must be between -30 and 30 (3 starts h near 0.95)")
     return recipe, given, layers, sparse_k
 
 
@@ -398,8 +455,14 @@ def _train_and_measure(runner: _Runner, jobs: int, layers: list[dict], sparse_k:
                        for k in sparse_k}
         for key in (key for keys in sparse_keys.values() for key in keys):
             runner.submit(key)
+        variants = [RunKey(family, seed, bias=bias) for bias in runner.biases for family in FAMILIES[1:]
+                    for seed in seeds]
+        for key in variants:
+            runner.submit(key)
         runs = {"resnet": resnet, **{family: [runner.measure(RunKey(family, seed)) for seed in seeds]
                                      for family in FAMILIES[1:]}}
+        for key in variants:
+            runs.setdefault(key.label, []).append(runner.measure(key))
         sparse_runs = {k: [runner.measure(key) for key in keys] for k, keys in sparse_keys.items()}
     return runs, sparse_runs, reference_nsi
 
@@ -427,13 +490,24 @@ def _summarize(layers: list[dict], runs: dict[str, list[dict]], sparse_runs: dic
     families = {family: summarize_family(rs, layers) for family, rs in runs.items()}
     return {"layers": layers, "families": families, "reference_nsi": reference_nsi,
             "sparse": _sparse_rows(runs, sparse_runs, layers, families),
-            "comparisons": [{"a": a, "b": b, **compare(families[a]["accuracy"], families[b]["accuracy"])}
-                            for a, b in (("stepnet", "resnet"), ("stepnet", "se"), ("se", "resnet"))]}
+            "comparisons": [{"a": a, "b": b, **compare(families[a]["accuracy"], families[b]["accuracy"]),
+                             "paired": paired(families[a]["accuracy"], families[b]["accuracy"])}
+                            for a, b in _comparisons(families)]}
+
+
+def _comparisons(families: dict) -> list[tuple[str, str]]:
+    """The three families against each other; each variant (se+biasB, stepnet+biasB) against its
+    family, and the two variants against each other and against resnet."""
+    pairs = [("stepnet", "resnet"), ("stepnet", "se"), ("se", "resnet")]
+    for label in (f for f in families if f.startswith("stepnet+bias")):
+        se = "se" + label[len("stepnet"):]
+        pairs += [(label, "stepnet"), (se, "se"), (label, se), (label, "resnet"), (se, "resnet")]
+    return [(a, b) for a, b in pairs if a in families and b in families]
 
 
 def _run_rows(runs: list[dict], given: dict[RunKey, Path]) -> list[dict]:
     return [{"name": r["key"].name, "family": r["key"].family, "seed": r["key"].seed,
-             "adaptor_blocks": r["key"].blocks, "accuracy": float(r["correct"].mean()),
+             "adaptor_blocks": r["key"].blocks, "adaptor_bias": r["key"].bias, "accuracy": float(r["correct"].mean()),
              "train_seconds": r["train_seconds"], "checkpoint": r["checkpoint"],
              "trained_here": r["key"] not in given} for r in runs]
 
@@ -445,7 +519,7 @@ def analyze(cfg: AnalysisConfig, log: Callable[[str], None] = lambda message: No
     started, cpu_started, load_started = time.perf_counter(), _cpu_seconds(), os.getloadavg()[0]
     recipe, given, layers, sparse_k = _plan(cfg)
     train_size, reference_set = _reference_set(cfg, recipe)
-    total = len(recipe.seeds) * (len(FAMILIES) + len(sparse_k))
+    total = len(recipe.seeds) * (len(FAMILIES) + len(sparse_k) + (2 if cfg.adaptor_bias is not None else 0))
     jobs = min(cfg.jobs or len(os.sched_getaffinity(0)), max(1, total - len(given)))
     runner = _Runner(recipe, cfg, given, total, log)
     runs, sparse_runs, reference_nsi = _train_and_measure(runner, jobs, layers, sparse_k, reference_set)
@@ -457,6 +531,7 @@ def analyze(cfg: AnalysisConfig, log: Callable[[str], None] = lambda message: No
     results = {
         "dataset": recipe.dataset, "depth": recipe.depth, "seeds": list(recipe.seeds),
         "epochs": recipe.epochs, "batch_size": recipe.batch_size, "lr": recipe.lr,
+        "adaptor_bias": cfg.adaptor_bias,
         "train_images": train_images, "train_subset": train_images < train_size,
         "test_images": len(runner.test_set), "reference_images": len(reference_set),
         **_summarize(layers, runs, sparse_runs, reference_nsi),

@@ -4,7 +4,7 @@ import logging
 import sys
 from pathlib import Path
 
-DATASET_HELP = "digits | cifar10 | cifar100 | imagefolder (default: the checkpoint's own)"
+from models.cli import DATA_DIR_HELP, DATASET_HELP
 
 
 def _cmd_export(args) -> int:
@@ -89,9 +89,8 @@ def register(sub) -> None:
                    help="model repository folder (default model_repository; created if missing)")
     p.add_argument("--name", required=True, help="model name, e.g. stepnet-digits")
     p.add_argument("--version", type=_positive, help="version to write (default: the next free one)")
-    p.add_argument("--calibration-dataset", help=DATASET_HELP)
-    p.add_argument("--data-dir", type=Path, help="folder with the calibration data set (cifar*, "
-                                                 "imagefolder)")
+    p.add_argument("--calibration-dataset", help=f"{DATASET_HELP} (default: the checkpoint's own)")
+    p.add_argument("--data-dir", type=Path, help=f"calibration data: {DATA_DIR_HELP}")
     p.add_argument("--calibration-samples", type=_positive,
                    help="test images for the calibration profile and accuracy (default 2000)")
     p.add_argument("--force", action="store_true", help="replace the version if it exists")

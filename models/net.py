@@ -37,6 +37,9 @@ class NetConfig:
     in_channels: int = 3
     reduction: int = 16            # adaptor hidden width: max(C / reduction, 4)
     adaptor_blocks: tuple[str, ...] | None = None   # layer names that get an adaptor; None: all
+    # initial bias of the adaptor's last layer: h starts near sigmoid(bias) (3: about 0.95, the
+    # plain network's steps of 1); None: PyTorch's default init, h near 0.5 (se and stepnet only)
+    adaptor_bias: float | None = None
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -45,6 +48,9 @@ class NetConfig:
             raise ValueError(f"unknown depth {self.depth}; choose from {', '.join(map(str, DEPTHS))}")
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {self.num_classes}")
+        if self.adaptor_bias is not None and (self.family == "resnet" or not abs(self.adaptor_bias) < 30):
+            raise ValueError(f"an adaptor bias is for se and stepnet, and from -30 to 30; got "
+                             f"{self.adaptor_bias} for {self.family}")
 
     @property
     def imagenet_style(self) -> bool:
@@ -234,6 +240,8 @@ class StepNet(nn.Module):
             stride = 2 if block == 1 and stage > 1 else 1
             with_adaptor = self.cfg.adaptor_blocks is None or name in self.cfg.adaptor_blocks
             adaptor = make_adaptor(self.cfg.family if with_adaptor else "resnet", out_ch, self.cfg.reduction)
+            if self.cfg.adaptor_bias is not None and hasattr(adaptor, "fc2"):
+                nn.init.constant_(adaptor.fc2.bias, self.cfg.adaptor_bias)   # draws nothing: same RNG stream
             f = branch(in_ch, width, stride)       # modules made in this order: the RNG draws of init
             shortcut = nn.Conv2d(in_ch, out_ch, 1, stride, bias=False) if stride != 1 or in_ch != out_ch else None
             blocks.append(Block(f, shortcut, Step(adaptor), first=block == 1))

@@ -52,6 +52,7 @@ class TrainConfig:
     seed: int = 0
     input_size: int | None = None
     adaptor_blocks: tuple[str, ...] | None = None
+    adaptor_bias: float | None = None      # models.net.NetConfig.adaptor_bias
     train_images: int | None = None    # train on a fixed random subset of this many images
     ink_margin: float | None | str = "auto"     # models.data.load's: the data set's own by default
     workers: int | None = None         # None: loading.default_workers
@@ -145,7 +146,7 @@ def prepare(cfg: TrainConfig, ctx: Context) -> dict:
                             ink_margin=cfg.ink_margin)
     try:
         net_cfg = NetConfig(cfg.family, cfg.depth, len(info.classes), info.input_size, info.in_channels,
-                            adaptor_blocks=cfg.adaptor_blocks)
+                            adaptor_blocks=cfg.adaptor_blocks, adaptor_bias=cfg.adaptor_bias)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     recipe = recipes.recipe(cfg.recipe or recipes.default_recipe(net_cfg.imagenet_style),

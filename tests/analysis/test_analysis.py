@@ -86,7 +86,10 @@ def test_report_numbers_are_the_computed_ones(tiny):
     for family, summary in results["families"].items():
         row = _table_row(report, family)
         assert row[1] == percent(summary["accuracy_mean"])        # one seed: no std
-        assert row[3] == f"{summary['params']:,}" and row[4] == f"{summary['flops']:,}"
+        assert row[2] == "-"                                       # and no interval over seeds
+        (low, high), = summary["accuracy_wilson95"]
+        assert row[3] == f"{percent(summary['accuracy'][0])} [{100 * low:.2f}, {100 * high:.2f}]"
+        assert row[4] == f"{summary['params']:,}" and row[5] == f"{summary['flops']:,}"
     for sparse in results["sparse"]:
         assert _table_row(report, sparse["label"])[2] == percent(sparse["accuracy_mean"])
     for run in results["runs"]:     # the accuracy training measured agrees with the analysis'
@@ -114,6 +117,20 @@ def test_diagnostics_match_a_direct_computation(tiny):
         else:
             assert summary["nsi_mean"][i] is None
     assert summary["step_size_mean"] == pytest.approx(step_size[:, :, STEP_MEAN].mean(0).tolist(), rel=1e-4)
+    # the paper-style figure's data: the first test images' own profiles, and NSI over h_(t-1)
+    assert len(summary["nsi_samples"]) == min(study.SAMPLE_CURVES, len(test_set))
+    for curve, direct in zip(summary["nsi_samples"], nsi):
+        assert [c is None for c in curve] == [not ok for ok in defined]
+        assert [c for c in curve if c is not None] == pytest.approx(direct[np.array(defined)].tolist(), rel=1e-4)
+    h = step_size[:, :, STEP_MEAN].numpy()
+    for i, ok in enumerate(defined):
+        if ok:
+            per_h = nsi[:, i] / h[:, i - 1]
+            assert summary["nsi_per_h_mean"][i] == pytest.approx(per_h.mean(), rel=1e-4)
+            assert summary["nsi_per_h_min"][i] == pytest.approx(per_h.min(), rel=1e-4)
+            assert results["layers"][i - 1]["stage"] == results["layers"][i]["stage"]
+        else:
+            assert summary["nsi_per_h_mean"][i] is None
     for stage, ratio in enumerate(summary["stage_stiffness_ratio"], start=1):
         cols = [i for i, row in enumerate(results["layers"]) if row["stage"] == stage and defined[i]]
         per_sample = nsi[:, cols].max(1) / nsi[:, cols].min(1)
@@ -177,6 +194,7 @@ def test_given_checkpoints_are_analyzed_without_training(tiny, tmp_path, capsys)
     (["--jobs", "0"], "--jobs must be at least 1"),
     (["--dataset", "cifar10"], "cifar10 needs --data-dir"),
     (["--checkpoints", "no-such-folder"], "not a checkpoint folder"),
+    (["--adaptor-init-bias", "nan"], "--adaptor-init-bias must be between -30 and 30"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     assert main(["analyze", *args, "--out", str(tmp_path / "out")]) == 2
@@ -222,6 +240,52 @@ def test_accuracy_differences_come_with_welch_t_test():
     assert result["difference"] == pytest.approx(100 * (np.mean(a) - np.mean(b)))
     assert result["p_value"] == pytest.approx(2 * scipy.stats.t.sf(abs(t), df))
     assert study.compare([0.9], [0.8])["p_value"] is None
+
+
+def test_the_bias_variants_start_with_steps_near_one_and_are_compared(tmp_path):
+    out = tmp_path / "report"
+    args = ["--seeds", "1", "--epochs", "1", "--train-images", "32", "--batch-size", "32", "--sparse-k", "none",
+            "--jobs", "1", "--adaptor-init-bias", "3"]
+    assert main(["analyze", *args, "--quiet", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    fam = results["families"]
+    assert list(fam) == ["resnet", "se", "stepnet", "se+bias3", "stepnet+bias3"]
+    for family in ("se", "stepnet"):         # one epoch of one batch moves h little from its start
+        assert np.mean(fam[f"{family}+bias3"]["step_size_mean"]) > 0.85 > 0.7 > np.mean(fam[family]["step_size_mean"])
+    pairs = {(c["a"], c["b"]) for c in results["comparisons"]}
+    assert {("stepnet+bias3", "stepnet"), ("se+bias3", "se"), ("stepnet+bias3", "se+bias3")} <= pairs
+    for run in results["runs"]:
+        assert run["adaptor_bias"] == (3.0 if "+bias3" in run["name"] else None)
+        assert checkpoint.read_config(run["checkpoint"])["model"].get("adaptor_bias") == run["adaptor_bias"]
+    report = (out / "report.md").read_text()
+    assert "--adaptor-init-bias 3" in report and "sigmoid(3) = 0.95" in report
+    assert _table_row(report, "stepnet+bias3")[1] == percent(fam["stepnet+bias3"]["accuracy_mean"])
+
+
+def test_accuracy_intervals_match_a_direct_computation():
+    accuracy = [0.90, 0.92, 0.95]
+    mean, sd = np.mean(accuracy), np.std(accuracy, ddof=1)
+    t_975_2 = 4.302652729911275                     # Student's t, 2 degrees of freedom, 97.5 %
+    assert study.accuracy_ci(accuracy) == pytest.approx([mean - t_975_2 * sd / 3 ** 0.5,
+                                                         mean + t_975_2 * sd / 3 ** 0.5])
+    assert study.accuracy_ci([0.9]) is None
+    z, n, p = 1.959963984540054, 360, 350 / 360     # Wilson's interval, written out
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    assert study.wilson_ci(350, 360) == pytest.approx([centre - half, centre + half], rel=1e-9)
+
+
+def test_paired_differences_come_with_their_interval_and_paired_t_test():
+    a, b = [0.91, 0.93, 0.92, 0.95], [0.90, 0.91, 0.91, 0.92]
+    diff = 100 * (np.array(a) - np.array(b))                 # 1, 2, 1, 3 points
+    half = 3.182446305284263 * diff.std(ddof=1) / 2           # t, 3 degrees of freedom, 97.5 %
+    t_statistic = diff.mean() / (diff.std(ddof=1) / 2)
+    result = study.paired(a, b)
+    assert result["difference"] == pytest.approx(1.75)
+    assert result["ci95"] == pytest.approx([1.75 - half, 1.75 + half])
+    assert result["p_value"] == pytest.approx(2 * scipy.stats.t.sf(t_statistic, 3))
+    assert study.paired([0.9], [0.8])["p_value"] is None
+    assert study.paired([0.5, 0.75], [0.25, 0.5])["ci95"] is None       # the same gain each seed: no spread
 
 
 def test_the_summary_says_when_stepnet_does_not_beat_a_baseline(tiny):

@@ -70,7 +70,7 @@ def test_training_refuses_to_overwrite(trained):
     (["train", "--ink-normalization", "-0.1"], "margin from 0 to 1"),
     (["train", "--ink-normalization", "nan"], "margin from 0 to 1"),
     (["train", "--dataset", "imagefolder", "--data-dir", "{tmp}", "--ink-normalization", "0.1"],
-     "ink normalization is for grayscale data"),
+     "ink normalization is for handwritten digits"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
