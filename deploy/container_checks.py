@@ -232,12 +232,11 @@ def cmd_prometheus(url: str, dashboard_file: str, alerts_file: str) -> None:
 
 
 def cmd_kube_pod(rendered: str, out_dir: str, port: str) -> None:
-    """The CPU overlay's pod as `podman kube play` runs it. Podman has no Service, PVC provisioner,
-    scheduler or kubelet probes of its own, so what changes is only what it cannot take: one
-    replica, and a hostPort on loopback to reach the pod. Image, env (the Downward API's limits.cpu
-    included: podman resolves it), probes,
-    security context, the read-only root filesystem and the volumes are the manifest's own; the
-    PersistentVolumeClaim becomes the podman volume of the same name that the caller fills."""
+    """The CPU overlay's pod as `podman kube play` runs it. Podman has no Service, PVC provisioner
+    or scheduler, so only what it cannot take changes: one replica, and a hostPort on loopback to
+    reach the pod. Image, env (the Downward API's limits.cpu included: podman resolves it), probes,
+    security context, read-only root filesystem and volumes are the manifest's own; the
+    PersistentVolumeClaim becomes the podman volume of the same name, which the caller fills."""
     import yaml
 
     docs = [d for d in yaml.safe_load_all(Path(rendered).read_text()) if d]
