@@ -136,7 +136,9 @@ def _introduction(r: dict) -> list[str]:
         f"batch size {r['batch_size']}, peak learning rate {r['lr']}, "
         f"seeds {', '.join(map(str, r['seeds']))}; "
         f"{r['train_images']} training{' (a fixed random subset)' if r['train_subset'] else ''} and "
-        f"{r['test_images']} test images. Every number below is in `results.json` beside this file.",
+        f"{r['test_images']} test images"
+        + (f" ({r['split']})" if r.get("split") else "")
+        + ". Every number below is in `results.json` beside this file.",
         "",
         "NSI is the neural stiffness index of DESIGN.md section 1.1: per sample and block, "
         "||f_t - f_{t-1}|| / ||x_t - x_{t-1}||, the secant estimate of the dominant Jacobian "

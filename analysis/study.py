@@ -532,6 +532,7 @@ def analyze(cfg: AnalysisConfig, log: Callable[[str], None] = lambda message: No
         "dataset": recipe.dataset, "depth": recipe.depth, "seeds": list(recipe.seeds),
         "epochs": recipe.epochs, "batch_size": recipe.batch_size, "lr": recipe.lr,
         "adaptor_bias": cfg.adaptor_bias,
+        "split": data.split_description(recipe.dataset, cfg.data_dir),
         "train_images": train_images, "train_subset": train_images < train_size,
         "test_images": len(runner.test_set), "reference_images": len(reference_set),
         **_summarize(layers, runs, sparse_runs, reference_nsi),

@@ -166,6 +166,16 @@ def fashion_split(data_dir: Path | None, split: str) -> tuple[np.ndarray, np.nda
     return images, labels, source
 
 
+def split_description(name: str, data_dir: str | Path | None = None) -> str | None:
+    """How the train/test split of `name` is made, for reports beside each accuracy; None where the
+    data set's own files or folders define it."""
+    if name == "digits":
+        return f"scikit-learn's bundled digits, stratified 80/20 split, seed {SPLIT_SEED}"
+    if name == "fashion-mnist":
+        return "Fashion-MNIST from " + fashion_split(Path(data_dir) if data_dir is not None else None, "test")[2]
+    return None
+
+
 def _fashion_info(data_dir: Path | None) -> DataInfo:
     """Mean and std of the whole training split (a --train-images subset changes neither the
     pre-processing nor the model's metadata)."""

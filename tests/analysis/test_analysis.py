@@ -95,6 +95,8 @@ def test_report_numbers_are_the_computed_ones(tiny):
     for run in results["runs"]:     # the accuracy training measured agrees with the analysis'
         assert run["accuracy"] == pytest.approx(checkpoint.read_config(run["checkpoint"])["test_accuracy"])
     assert results["train_images"] == 32 and results["test_images"] == SMALL_TEST
+    assert results["split"] == "scikit-learn's bundled digits, stratified 80/20 split, seed 0"
+    assert f"{SMALL_TEST} test images ({results['split']})" in report
     assert results["jobs"] == 1 and results["cpu_seconds"] > 0
     assert f"{results['seconds'] / 60:.1f} minutes" in report
 

