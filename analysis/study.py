@@ -363,7 +363,8 @@ class _Runner:
                           family=key.family, depth=r.depth, epochs=r.epochs, batch_size=r.batch_size,
                           lr=r.lr, seed=key.seed, adaptor_blocks=key.blocks, adaptor_bias=key.bias,
                           train_images=r.train_images,
-                          workers=0, force=True, progress=False)   # the pool's processes share the cores
+                          workers=0, test_every=0,       # measure() tests it, with everything else
+                          force=True, progress=False)   # the pool's processes share the cores
         if self.pool is None:
             self._finished(key, train(job))
             return
@@ -380,8 +381,7 @@ class _Runner:
             what = f"loaded ({self.given[key]})"
         else:
             self.training_seconds = time.perf_counter() - self.started
-            what = (f"trained in {config['train_seconds']:.0f} s, test accuracy "
-                    f"{config['test_accuracy']:.4f} ({self.folder / key.name})")
+            what = f"trained in {config['train_seconds']:.0f} s ({self.folder / key.name})"
         self.log(f"[{self.done}/{self.total}] {key.name}: {what}")
 
     def measure(self, key: RunKey, reference_set=None) -> dict:

@@ -23,6 +23,7 @@ def _train_config(args):
                        adaptor_bias=args.adaptor_init_bias,
                        device=args.device, precision=args.precision, compile=args.compile,
                        sync_bn=args.sync_bn, resume=args.resume, save_every=args.save_every,
+                       test_every=args.test_every,
                        ink_margin=_ink_margin(args.ink_margin),
                        force=args.force, progress=not args.quiet)
 
@@ -50,7 +51,9 @@ def _cmd_train(args) -> int:
         return _launch(args, cfg)
     config = train(cfg)
     if config is not None and os.environ.get("RANK", "0") == "0":     # None: SIGTERM, snapshot written
-        print(f"test accuracy {config['test_accuracy']:.4f}; checkpoint written to {args.out}")
+        tested = "not tested (--test-every 0)" if config["test_accuracy"] is None else \
+            f"test accuracy {config['test_accuracy']:.4f}"
+        print(f"{tested}; checkpoint written to {args.out}")
     return 0
 
 
@@ -179,6 +182,8 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder to create")
     p.add_argument("--resume", action="store_true", help="go on from OUT's snapshot (same command)")
     p.add_argument("--save-every", type=int, default=1, help="epochs between snapshots (default 1)")
+    p.add_argument("--test-every", type=int, default=1,
+                   help="epochs between test-split evaluations, the last always tested (default 1; 0: never)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.set_defaults(run=_cmd_train)

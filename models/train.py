@@ -62,6 +62,7 @@ class TrainConfig:
     sync_bn: bool = False
     resume: bool = False
     save_every: int = 1
+    test_every: int = 1                # test after every N-th epoch and the last; 0: never (test_accuracy null)
     force: bool = False
     progress: bool = True
 
@@ -140,6 +141,8 @@ def prepare(cfg: TrainConfig, ctx: Context) -> dict:
     distributed.check_precision(cfg.precision, ctx.device)
     if cfg.save_every < 1:
         raise UserError("--save-every must be at least 1")
+    if cfg.test_every < 0:
+        raise UserError("--test-every must be 0 (never) or more")
     train_set, info = data.load(cfg.dataset, "train", cfg.data_dir, augment=True, input_size=cfg.input_size,
                                 ink_margin=cfg.ink_margin)
     test_set, _ = data.load(cfg.dataset, "test", cfg.data_dir, input_size=cfg.input_size,
@@ -260,14 +263,16 @@ class _Run:
                 row = self._epoch(epoch, stop)
                 if row is None:
                     return self._stopped()
-                test = evaluate(self.net, self.plan["test_set"], workers=self.workers, ctx=self.ctx,
-                                precision=self.cfg.precision)
-                row.update(test_accuracy=test["accuracy"], seconds=round(time.perf_counter() - started, 2))
+                test = self._test(epoch)
+                if test is not None:
+                    row["test_accuracy"] = test["accuracy"]
+                row["seconds"] = round(time.perf_counter() - started, 2)
                 if self.ctx.main:
                     with open(self.cfg.out / "metrics.jsonl", "a") as log:
                         log.write(json.dumps(row) + "\n")
+                tested = "" if test is None else f"test {test['accuracy']:.4f}  "
                 self._say(f"epoch {epoch:3d}  loss {row['train_loss']:.4f}  train {row['train_accuracy']:.4f}  "
-                          f"test {row['test_accuracy']:.4f}  {row['images_per_s']:.0f} img/s  "
+                          f"{tested}{row['images_per_s']:.0f} img/s  "
                           f"data wait {100 * row['data_wait_fraction']:.0f}%")
                 self.position = {"epoch": epoch + 1, "step": 0, "sums": [0.0] * 4,
                                  "train_seconds": time.perf_counter() - started}
@@ -276,6 +281,16 @@ class _Run:
                 if epoch % self.cfg.save_every == 0 and epoch < self.recipe.epochs:
                     self._snapshot()
         return self._finish(test, row, time.perf_counter() - started)
+
+    def _test(self, epoch: int) -> dict | None:
+        """evaluate() on the test split after every --test-every-th epoch and the last; None when
+        this epoch is not tested (never with --test-every 0: the analysis measures the test split
+        itself, so a pass here would be done twice)."""
+        every = self.cfg.test_every
+        if not every or (epoch % every and epoch < self.recipe.epochs):
+            return None
+        return evaluate(self.net, self.plan["test_set"], workers=self.workers, ctx=self.ctx,
+                        precision=self.cfg.precision)
 
     def _agreed(self, stop: _Stop) -> bool:
         """Whether any process was asked to stop (every process takes part, so all agree)."""
@@ -340,7 +355,7 @@ class _Run:
                 "data_wait_fraction": min(1.0, wait / ctx.world_size / seconds),
                 "global_batch": self.plan["global_batch"], "processes": ctx.world_size}
 
-    def _finish(self, test: dict, row: dict, seconds: float) -> dict:
+    def _finish(self, test: dict | None, row: dict, seconds: float) -> dict:
         cfg, r = self.cfg, self.recipe
         if self.ctx.main:
             checkpoint.save(self.net, self.plan["info"], cfg.out, dataset=cfg.dataset, epochs=r.epochs,
@@ -348,7 +363,7 @@ class _Run:
                             global_batch=self.plan["global_batch"], processes=self.ctx.world_size,
                             device=self.ctx.device.type, precision=cfg.precision, sync_bn=cfg.sync_bn,
                             compile=cfg.compile, train_images=len(self.plan["train_set"]),
-                            test_accuracy=test["accuracy"], images_per_s=round(row["images_per_s"], 1),
+                            test_accuracy=None if test is None else test["accuracy"], images_per_s=round(row["images_per_s"], 1),
                             train_seconds=round(seconds, 1))
             shutil.rmtree(snapshot.folder(cfg.out), ignore_errors=True)
         distributed.barrier(self.ctx)
