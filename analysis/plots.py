@@ -81,7 +81,7 @@ def _accuracy_axis(ax, results: dict, labels: list[str]) -> None:
 
 
 def profiles(results: dict, key: str, path: Path) -> None:
-    """One panel per stage: per-block mean of `key` ("nsi", "nsi_per_h" or "step_size") per
+    """One panel per stage: per-block mean of `key` ("nsi", "nsi_times_h" or "step_size") per
     family, shaded between the min and max over the test samples."""
     stages = _stages(results)
     fig = Figure(figsize=(4.2 * len(stages), 3.8), layout="constrained")
@@ -105,11 +105,11 @@ def profiles(results: dict, key: str, path: Path) -> None:
                                  for v in s[k]])
     else:
         axes[0].set_ylim(0, 1.05)
-    axes[0].set_ylabel({"nsi": "NSI (log scale)", "nsi_per_h": "NSI / h of the block before (log scale)"}.get(
+    axes[0].set_ylabel({"nsi": "NSI (log scale)", "nsi_times_h": "NSI × h of the block before (log scale)"}.get(
         key, "step size h (mean over channels)"))
     axes[0].legend(fontsize=8)
     what = {"nsi": "NSI (block 1 of a stage has none)",
-            "nsi_per_h": "NSI divided by the previous block's mean step size"}.get(key, "Step size")
+            "nsi_times_h": "NSI times the previous block's mean step size"}.get(key, "Step size")
     fig.suptitle(f"{what}: mean over test samples and seeds; band: min to max over the test samples "
                  "of all seeds", fontsize=11)
     _save(fig, path)

@@ -11,7 +11,7 @@ from analysis import plots
 
 FIGURES = {"accuracy": "accuracy.png", "nsi": "nsi_profiles.png", "step_size": "step_size_profiles.png",
            "scatter": "step_size_vs_nsi.png", "ratios": "stage_stiffness_ratios.png",
-           "sparse": "sparse_adaptors.png", "paper": "nsi_paper_layout.png", "per_h": "nsi_per_step_size.png"}
+           "sparse": "sparse_adaptors.png", "paper": "nsi_paper_layout.png", "times_h": "nsi_times_step_size.png"}
 
 
 def percent(value: float, std: float | None = None) -> str:
@@ -38,7 +38,7 @@ def figures(out: Path, results: dict, samples: dict) -> None:
     plots.profiles(results, "nsi", out / FIGURES["nsi"])
     plots.profiles(results, "step_size", out / FIGURES["step_size"])
     plots.paper_profiles(results, out / FIGURES["paper"])
-    plots.profiles(results, "nsi_per_h", out / FIGURES["per_h"])
+    plots.profiles(results, "nsi_times_h", out / FIGURES["times_h"])
     plots.step_size_vs_nsi(results, samples, out / FIGURES["scatter"])
     plots.stage_ratios(results, out / FIGURES["ratios"])
     plots.sparse(results, out / FIGURES["sparse"])
@@ -52,7 +52,7 @@ def _command(r: dict) -> str:
     if not all(run["trained_here"] for run in r["runs"]):
         return "`stepnet analyze --checkpoints ...` (given checkpoints)"
     k = ",".join(str(row["k"]) for row in r["sparse"][1:-1]) or "none"
-    extra = "".join(f" --{flag} {r[key]}" for flag, key, default in (
+    extra = "".join(f" --{flag} {r[key]:g}" for flag, key, default in (
         ("train-images", "train_images", None), ("batch-size", "batch_size", 64), ("lr", "lr", 0.1),
         ("adaptor-init-bias", "adaptor_bias", None))
         if r.get(key) != default and (key != "train_images" or r["train_subset"]))
@@ -75,6 +75,19 @@ def _range(values) -> str:
     return f"{min(values):.2f} to {max(values):.2f}"
 
 
+def _mean_ratio(r: dict, family: str, key: str) -> float:
+    """The mean over blocks with an NSI of family's {key}_mean over resnet's."""
+    fam, defined = r["families"], _defined(r)
+    return sum(fam[family][f"{key}_mean"][i] / fam["resnet"][f"{key}_mean"][i] for i in defined) / len(defined)
+
+
+def _variation(profile: list, defined: list[int]) -> float:
+    """The coefficient of variation, in percent, of a per-block profile over the blocks with an NSI."""
+    values = [profile[i] for i in defined]
+    mean = sum(values) / len(values)
+    return 100 * math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)) / mean
+
+
 def summary(r: dict) -> list[str]:
     fam, defined = r["families"], _defined(r)
     ranked = sorted(fam, key=lambda f: -round(fam[f]["accuracy_mean"], 9))
@@ -92,12 +105,18 @@ def summary(r: dict) -> list[str]:
                      f"{min(s['step_size_min']):.2f} to {max(s['step_size_max']):.2f} over all blocks "
                      f"and test samples (block means {_range(s['step_size_mean'])}).")
     for family in [f for f in fam if f != "resnet"]:
-        ratio = sum(fam[family]["nsi_mean"][i] / fam["resnet"]["nsi_mean"][i] for i in defined) / len(defined)
+        ratio = _mean_ratio(r, family, "nsi")
         step = sum(fam[family]["step_size_mean"][i] for i in defined) / len(defined)
+        times_h = fam[family].get("nsi_times_h_mean")
+        without_h = "" if times_h is None else (
+            f" NSI × h_(t-1), which takes the step out, is {_mean_ratio(r, family, 'nsi_times_h'):.2f} "
+            f"times resnet's, and varies across blocks by {_variation(times_h, defined):.1f} % "
+            f"(resnet {_variation(fam['resnet']['nsi_times_h_mean'], defined):.1f} %; coefficient of "
+            "variation of the mean profile).")
         lines.append(f"{family}'s NSI is on average {ratio:.2f} times resnet's, block by block; with "
                      f"a mean step of {step:.2f}, x_t - x_(t-1) = h ⊙ f_(t-1) is about {1 / step:.2f} "
                      "times shorter for the same f, which explains most of the level: compare the "
-                     "shapes of the profiles, not their heights.")
+                     f"shapes of the profiles, not their heights.{without_h}")
     for family in [f for f in fam if f != "resnet"]:
         across = fam[family]["spearman_across_layers"]
         if across is not None:
@@ -123,6 +142,10 @@ def markdown(r: dict) -> str:
                       *_stage_ratio_section(r), *_sparse_section(r), *_cost(r), *_runs_section(r)])
 
 
+_SUBSET = (" (a fixed random subset: the first images of one permutation of the training split, "
+           "seed 0, the same for every run)")
+
+
 def _introduction(r: dict) -> list[str]:
     """The title, how and on what the analysis ran, what NSI and h are, and the summary."""
     return [
@@ -135,7 +158,7 @@ def _introduction(r: dict) -> list[str]:
         f"{r['cores']}). Depth {r['depth']}, epochs {r['epochs']}, "
         f"batch size {r['batch_size']}, peak learning rate {r['lr']}, "
         f"seeds {', '.join(map(str, r['seeds']))}; "
-        f"{r['train_images']} training{' (a fixed random subset)' if r['train_subset'] else ''} and "
+        f"{r['train_images']} training{_SUBSET if r['train_subset'] else ''} and "
         f"{r['test_images']} test images"
         + (f" ({r['split']})" if r.get("split") else "")
         + ". Every number below is in `results.json` beside this file.",
@@ -203,8 +226,17 @@ def _accuracy_section(r: dict) -> list[str]:
     ], ("Test accuracy per family", "accuracy"))
 
 
-def _nsi_section(r: dict) -> list[str]:
+def _profile_table(r: dict, key: str) -> list[str]:
+    """One row per block with an NSI, one column per family: '{key}_mean [{key}_min, {key}_max]',
+    or '-' where a family's results lack the key."""
     fam = r["families"]
+    return ["| block | " + " | ".join(fam) + " |", "|---|" + "---|" * len(fam),
+            *(f"| {r['layers'][i]['name']} | " + " | ".join(
+                f"{number(s[key + '_mean'][i])} [{number(s[key + '_min'][i])}, {number(s[key + '_max'][i])}]"
+                if s.get(key + "_mean") else "-" for s in fam.values()) + " |" for i in _defined(r))]
+
+
+def _nsi_section(r: dict) -> list[str]:
     return _section("## 2. NSI profiles", [
         "Mean NSI per block over test samples and seeds, with [min, max] over the test samples of all seeds.",
         "",
@@ -213,26 +245,20 @@ def _nsi_section(r: dict) -> list[str]:
         "The shape of a profile (which blocks are stiffer than their neighbours) is what compares "
         "across families.",
         "",
-        "| block | " + " | ".join(fam) + " |",
-        "|---|" + "---|" * len(fam),
-        *(f"| {r['layers'][i]['name']} | " + " | ".join(
-            f"{number(s['nsi_mean'][i])} [{number(s['nsi_min'][i])}, {number(s['nsi_max'][i])}]"
-            for s in fam.values()) + " |" for i in _defined(r)),
+        *_profile_table(r, "nsi"),
         "",
         "Laid out as the paper's figure (one row per family; thin lines: single test images of "
         "seed 0; black: the mean; dashed: min and max over the test images of all seeds):",
         "",
         "![NSI per block, laid out as the paper's figure](" + FIGURES["paper"] + ")",
         "",
-        "The same profiles divided by the mean step size h of the block before, which made "
-        "x_t - x_(t-1) = h_(t-1) ⊙ f_(t-1); for resnet (h = 1) nothing changes:",
+        "The same profiles times the mean step size h of the block before. That step made "
+        "x_t - x_(t-1) = h_(t-1) ⊙ f_(t-1), so NSI × h_(t-1) is ||f_t - f_(t-1)|| / ||f_(t-1)|| "
+        "(exactly where h is the same over channels): the change of the residual branch, whatever "
+        "the step. For resnet (h = 1) nothing changes:",
         "",
-        "| block | " + " | ".join(fam) + " |",
-        "|---|" + "---|" * len(fam),
-        *(f"| {r['layers'][i]['name']} | " + " | ".join(
-            f"{number(s['nsi_per_h_mean'][i])} [{number(s['nsi_per_h_min'][i])}, {number(s['nsi_per_h_max'][i])}]"
-            if s.get("nsi_per_h_mean") else "-" for s in fam.values()) + " |" for i in _defined(r)),
-    ], ("NSI profiles, one panel per stage", "nsi"), ("NSI / previous step size, one panel per stage", "per_h"),
+        *_profile_table(r, "nsi_times_h"),
+    ], ("NSI profiles, one panel per stage", "nsi"), ("NSI × previous step size, one panel per stage", "times_h"),
        ("Step size profiles, one panel per stage", "step_size"))
 
 

@@ -6,7 +6,7 @@ split with diagnostics, and computes:
 1. accuracy (mean and std over seeds, 95 % intervals over seeds and over test images, paired
    tests seed by seed), parameters and FLOPs per family;
 2. per-block NSI (and step size) profiles with min/max envelopes over the test samples, laid out
-   as the paper's figure (per-sample curves, mean, envelope), and NSI divided by the previous
+   as the paper's figure (per-sample curves, mean, envelope), and NSI times the previous
    block's step size, since x_t - x_(t-1) = h_(t-1) ⊙ f_(t-1) makes NSI's level follow 1/h;
 3. step size against NSI: Spearman rank correlation across layers and within each layer;
 4. stage stiffness ratios (DESIGN 1.1);
@@ -274,11 +274,13 @@ def summarize_family(runs: list[dict], layers: list[dict]) -> dict:
         full[defined] = values
         return _none_if_nan(full)
 
-    # NSI over the step that made x_t - x_(t-1): h_(t-1) (mean over channels) of the block before,
-    # which is in the same stage wherever NSI is defined
+    # NSI times the step that made x_t - x_(t-1) = h_(t-1) ⊙ f_(t-1): h_(t-1) (mean over channels)
+    # of the block before, which is in the same stage wherever NSI is defined. That takes out NSI's
+    # 1/h: it is ||f_t - f_(t-1)|| / ||f_(t-1)|| where h is the same over channels
     previous = np.flatnonzero(defined) - 1
-    per_h = np.concatenate([r["nsi"][:, defined] / r["step_size"][:, previous, STEP_MEAN] for r in runs])
-    per_h_means = np.stack([(r["nsi"][:, defined] / r["step_size"][:, previous, STEP_MEAN]).mean(0) for r in runs])
+    times_h = np.concatenate([r["nsi"][:, defined] * r["step_size"][:, previous, STEP_MEAN] for r in runs])
+    times_h_means = np.stack([(r["nsi"][:, defined] * r["step_size"][:, previous, STEP_MEAN]).mean(0)
+                              for r in runs])
     curves = runs[0]["nsi"][:SAMPLE_CURVES]                                 # (samples, L), NaN: undefined
 
     accuracy = [float(r["correct"].mean()) for r in runs]
@@ -288,8 +290,8 @@ def summarize_family(runs: list[dict], layers: list[dict]) -> dict:
         "accuracy_ci95": accuracy_ci(accuracy),
         "accuracy_wilson95": [wilson_ci(int(r["correct"].sum()), len(r["correct"])) for r in runs],
         "nsi_samples": [_none_if_nan(curve) for curve in curves],
-        "nsi_per_h_mean": per_layer(per_h_means.mean(0)), "nsi_per_h_min": per_layer(per_h.min(0)),
-        "nsi_per_h_max": per_layer(per_h.max(0)),
+        "nsi_times_h_mean": per_layer(times_h_means.mean(0)), "nsi_times_h_min": per_layer(times_h.min(0)),
+        "nsi_times_h_max": per_layer(times_h.max(0)),
         "params": runs[0]["params"], "flops": runs[0]["flops"],
         "nsi_mean": per_layer(nsi_means.mean(0)), "nsi_min": per_layer(nsi.min(0)),
         "nsi_max": per_layer(nsi.max(0)),

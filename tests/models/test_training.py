@@ -74,6 +74,27 @@ def test_two_gloo_processes_match_one_with_the_same_global_batch(one_process, tm
     assert relative(weights(out), weights(one_process)) < 2e-4
 
 
+def test_skipping_the_test_split_trains_the_same_weights(one_process, tmp_path):
+    """--test-every 0 (what the analysis' workers use): no test pass, a null test_accuracy, and the
+    same weights bit for bit as the run that tested after its epoch."""
+    out = tmp_path / "untested"
+    result = run(*SHORT, "--batch-size", "64", "--test-every", "0", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("not tested (--test-every 0); checkpoint written")
+    assert checkpoint.read_config(out)["test_accuracy"] is None
+    assert "test_accuracy" not in json.loads((out / "metrics.jsonl").read_text())
+    assert torch.equal(weights(out), weights(one_process))
+
+
+def test_test_every_n_tests_every_nth_epoch_and_the_last(tmp_path):
+    out = tmp_path / "every2"
+    result = run("train", "--epochs", "3", "--train-images", "128", "--quiet", "--test-every", "2", "--out", out)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], "test_accuracy" in r) for r in rows] == [(1, False), (2, True), (3, True)]
+    assert checkpoint.read_config(out)["test_accuracy"] == rows[-1]["test_accuracy"]
+
+
 def test_the_shortcut_launches_the_same_through_torch_distributed_run(one_process, tmp_path):
     out = tmp_path / "shortcut"
     result = run(*SHORT, "--batch-size", "32", "--sync-bn", "--nproc-per-node", "2", "--out", out)
@@ -236,6 +257,7 @@ def test_bf16_autocast_trains_digits_to_97_percent(tmp_path):
     (["--nproc-per-node", "0"], "at least 1"),
     (["--train-images", "100", "--batch-size", "64", "--nproc-per-node", "2"], "do not fill one global batch"),
     (["--resume"], "holds no training snapshot"),
+    (["--test-every", "-1"], "--test-every must be 0 (never) or more"),
 ])
 def test_bad_training_input_is_one_line_and_exit_2(tmp_path, args, message):
     out = tmp_path / "out"
