@@ -5,6 +5,7 @@ OUT/results.json, so the two never disagree.
 """
 
 import math
+import statistics
 from pathlib import Path
 
 from analysis import plots
@@ -84,8 +85,7 @@ def _mean_ratio(r: dict, family: str, key: str) -> float:
 def _variation(profile: list, defined: list[int]) -> float:
     """The coefficient of variation, in percent, of a per-block profile over the blocks with an NSI."""
     values = [profile[i] for i in defined]
-    mean = sum(values) / len(values)
-    return 100 * math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)) / mean
+    return 100 * statistics.pstdev(values) / statistics.fmean(values)
 
 
 def summary(r: dict) -> list[str]:

@@ -363,7 +363,8 @@ class _Run:
                             global_batch=self.plan["global_batch"], processes=self.ctx.world_size,
                             device=self.ctx.device.type, precision=cfg.precision, sync_bn=cfg.sync_bn,
                             compile=cfg.compile, train_images=len(self.plan["train_set"]),
-                            test_accuracy=None if test is None else test["accuracy"], images_per_s=round(row["images_per_s"], 1),
+                            test_accuracy=None if test is None else test["accuracy"],
+                            images_per_s=round(row["images_per_s"], 1),
                             train_seconds=round(seconds, 1))
             shutil.rmtree(snapshot.folder(cfg.out), ignore_errors=True)
         distributed.barrier(self.ctx)
