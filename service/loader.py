@@ -1,9 +1,15 @@
-"""Bringing one model version up, off the event loop: read model.json, check the graph file
-against its sha256 and size, create its ONNX Runtime sessions (its instances: the model's
-`instances` on each device chosen once per process, service.runtime), check the graph's input and
-output names, and warm every batch size the batcher can form on every instance while checking the
-output shapes the metadata implies. Whatever fails raises ModelLoadError, and
-nothing is published (service.repository decides what to load; this module only loads)."""
+"""Bringing one model version up: read model.json, read the graph file and check it against its
+sha256 and size (service.model_files: regular files inside the repository, sized before they are
+read, each read bounded in time; service.external_data: a graph that keeps tensors in other files
+is refused), create its ONNX Runtime sessions (its instances: the model's `instances` on each
+device chosen once per process, service.runtime), check the graph's input and output names, and
+warm every batch size the batcher can form on every instance while checking the output shapes the
+metadata implies. Whatever fails raises ModelLoadError, and nothing is published
+(service.repository decides what to load; this module only loads).
+
+Reading is what a broken file system can hang, and it is bounded (FileCalls); making sessions and
+warming them up is work on the CPU or GPU that ends, and is not.
+"""
 
 import asyncio
 import hashlib
@@ -16,35 +22,46 @@ import numpy as np
 
 from service.core.config import DEFAULT_GPU_INSTANCES, Settings
 from service.errors import ModelLoadError
+from service.external_data import external_tensors
 from service.metadata import ModelMetadata, read_metadata
 from service.metrics import Metrics
+from service.model_files import MAX_GRAPH_BYTES, FileCalls, read_file
 from service.runtime import Device, Session, choose_device
 from service.served import ServedModel
 from service.serving_config import ServingConfig
-from stepnet.repository import MODEL_FILE, VARIANT_FILES
+from stepnet.repository import METADATA_FILE, MODEL_FILE, VARIANT_FILES
 
 log = logging.getLogger(__name__)
 
 
 class Loader:
-    """Loads versions for the repository: the device is chosen at the first load, and every
-    served version shares one pool of pre-processing threads."""
+    """Loads versions for the repository: the device is chosen at the first load, every served
+    version shares one pool of pre-processing threads, and file reads go through `files`, which
+    the repository shares for its scans. Models load side by side (a hung read holds back no
+    other), but one version at a time makes its sessions and warms them up: the cores and the GPU
+    memory are shared, and warming several at once would not end sooner."""
 
-    def __init__(self, settings: Settings, metrics: Metrics):
+    def __init__(self, settings: Settings, metrics: Metrics, files: FileCalls | None = None):
         self.settings, self.metrics = settings, metrics
+        self.files = files or FileCalls()
         self._device: Device | None = None
+        self._warming = asyncio.Lock()
         self._pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
 
     async def read(self, folder: Path) -> ModelMetadata:
-        return await asyncio.to_thread(read_metadata, folder)
+        return await self.files.run(folder / METADATA_FILE, _where(folder, METADATA_FILE), read_metadata, folder)
 
     async def open(self, meta: ModelMetadata, folder: Path, config: ServingConfig) -> ServedModel:
-        file, sessions = await asyncio.to_thread(self._open, meta, folder, config)
+        file = await self.files.run(folder, _where(folder), pick_file, meta, folder, config.variant)
+        graph = await self.files.run(folder / file, _where(folder, file), read_graph, meta, folder, file,
+                                     size=meta.files[file].bytes)
+        async with self._warming:
+            sessions = await asyncio.to_thread(self._sessions, meta, file, graph, config)
         return ServedModel(meta, file, sessions, config, self.settings,
                            self.metrics.for_model(meta.name, meta.version), self._pool)
 
-    def _open(self, meta: ModelMetadata, folder: Path, config: ServingConfig) -> tuple[str, list[Session]]:
-        return open_version(meta, folder, self.settings, self.device, config)
+    def _sessions(self, meta: ModelMetadata, file: str, graph: bytes, config: ServingConfig) -> list[Session]:
+        return open_sessions(meta, file, graph, self.settings, self.device, config)
 
     @property
     def device(self) -> Device:
@@ -54,6 +71,11 @@ class Loader:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _where(folder: Path, *file: str) -> str:
+    """A version folder, or a file in it, as clients may see it: <model>/<version>[/<file>]."""
+    return "/".join((folder.parent.name, folder.name, *file))
 
 
 def placements(device: Device, settings: Settings,
@@ -67,31 +89,41 @@ def placements(device: Device, settings: Settings,
     return [(None, threads, solo) for threads, solo in settings.cpu_instances(instances)]
 
 
-def open_version(meta: ModelMetadata, folder: Path, settings: Settings, device: Device,
-                 config: ServingConfig) -> tuple[str, list[Session]]:
-    """-> the graph file served and its warm sessions, one per instance. Blocking: run it in a thread."""
-    label = f"{meta.name}:{meta.version}"
-    started = time.perf_counter()
-    file = pick_file(meta, folder, config.variant)
+def read_graph(meta: ModelMetadata, folder: Path, file: str) -> bytes:
+    """The graph file's bytes, once its size (before reading), its sha256 and its tensors (all
+    inside it) are as they should be. Blocking: run it in a thread."""
     where = f"{meta.name}/{meta.version}/{file}"           # what clients may see: no paths
+    expected = meta.files[file]
     try:
-        model = (folder / file).read_bytes()
+        graph = read_file(folder / file, folder.parent.parent, MAX_GRAPH_BYTES, size=expected.bytes)
     except OSError as exc:
         raise ModelLoadError(f"{folder / file}: {exc}", f"{where} cannot be read ({exc.strerror})") from None
-    expected = meta.files[file]
-    if len(model) != expected.bytes or hashlib.sha256(model).hexdigest() != expected.sha256:
+    if hashlib.sha256(graph).hexdigest() != expected.sha256:
         raise ModelLoadError(f"{where}: size or sha256 differs from model.json (file truncated or "
                              f"altered, or still being copied)")
+    external = external_tensors(graph)
+    if external:
+        raise ModelLoadError(f"{where} keeps tensors as external data ({', '.join(external[:5])}"
+                             f"{', ...' if len(external) > 5 else ''}), in files model.json's sha256 does not "
+                             f"cover; the service serves only graphs that hold all of their tensors")
+    return graph
+
+
+def open_sessions(meta: ModelMetadata, file: str, graph: bytes, settings: Settings, device: Device,
+                  config: ServingConfig) -> list[Session]:
+    """The version's warm sessions, one per instance. Blocking: run it in a thread."""
+    label = f"{meta.name}:{meta.version}"
+    started = time.perf_counter()
     outputs = (meta.outputs.logits, meta.outputs.step_size, meta.outputs.nsi)
     sessions = []
     for i, (gpu, threads, solo) in enumerate(placements(device, settings, config.instances)):
-        session = Session(model, device, gpu, threads, outputs, f"{label} instance {i}", solo=solo)
+        session = Session(graph, device, gpu, threads, outputs, f"{label} instance {i}", solo=solo)
         _warm_up(session, meta, f"{label} instance {i}", config.max_batch_size)
         sessions.append(session)
     log.info("%s: %s ready in %.1f s: %d instance(s) on %s, batch sizes 1..%d warm (%s)", label, file,
              time.perf_counter() - started, len(sessions), ", ".join(sorted({s.device for s in sessions})),
              config.max_batch_size, config.source)
-    return file, sessions
+    return sessions
 
 
 def pick_file(meta: ModelMetadata, folder: Path, variant: str) -> str:

@@ -1,12 +1,15 @@
 """Reading model.json through the contract's models (stepnet.repository.metadata): the service
 reads nothing else of the training side, and a version whose metadata does not parse, or does
-not match its folder, is refused when it is loaded."""
+not match its folder, is refused when it is loaded. model.json is read as the repository's other
+files are (service.model_files): a regular file inside the repository, of at most
+MAX_METADATA_BYTES."""
 
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from service.errors import ModelLoadError
+from service.model_files import MAX_METADATA_BYTES, read_file
 from stepnet.repository import METADATA_FILE
 from stepnet.repository.metadata import Layer, ModelMetadata, Preprocessing, parse
 
@@ -14,11 +17,12 @@ __all__ = ["Layer", "ModelMetadata", "Preprocessing", "read_metadata"]
 
 
 def read_metadata(folder: Path) -> ModelMetadata:
-    """The metadata of one version folder, checked against the folder's name and number."""
+    """The metadata of one version folder (<repository>/<model>/<version>), checked against the
+    folder's name and number."""
     path = folder / METADATA_FILE
     where = f"{folder.parent.name}/{folder.name}/{METADATA_FILE}"     # what clients may see
     try:
-        meta = parse(path.read_bytes())
+        meta = parse(read_file(path, folder.parent.parent, MAX_METADATA_BYTES))
     except FileNotFoundError:
         raise ModelLoadError(f"{path}: missing", f"{where}: missing") from None
     except OSError as exc:

@@ -18,6 +18,12 @@ the configuration they have), until the file changes.
 
 What clients see of a refused version (the index, a 404) is its public reason: names, versions
 and what is wrong, never a path on this host or a library's message; the log has those.
+
+A broken or hostile folder holds back nothing else (service.model_files): the models sync
+side by side, and every look at the disk (a scan, serving.json, a version's files) runs in a
+thread of its own with a deadline, so that a file on a hung mount refuses its version, or its
+model, with a reason, and the others load, poll and answer admin calls as usual. Files are read
+only when they are regular files inside the repository; a symbolic link out of it is refused.
 """
 
 import asyncio
@@ -32,6 +38,7 @@ from service.errors import (BadRequest, InvalidParameter, ModelLoadError, ModelN
 from service.loader import Loader
 from service.metadata import ModelMetadata
 from service.metrics import Metrics
+from service.model_files import Unanswered
 from service import serving_config
 from service.planning import ModelView, plan
 from service.served import ServedModel
@@ -41,6 +48,7 @@ from stepnet.repository import METADATA_FILE, MODEL_NAME_RULE, VersionState, is_
 log = logging.getLogger(__name__)
 State = VersionState
 CHANGING = "files still changing (being copied?); loaded once they stay unchanged for one poll"
+UNANSWERED = ("unanswered",)       # the signature of a serving.json whose file system did not answer
 
 
 def scan_models(root: Path) -> list[str]:
@@ -65,6 +73,11 @@ def scan_versions(model_dir: Path) -> dict[int, tuple]:
             if signature is not None:
                 versions[int(entry.name)] = signature
     return versions
+
+
+def _has_metadata(model_dir: Path) -> bool:
+    """A version of the model has a model.json (which may still be refused when it is read)."""
+    return any((model_dir / str(v) / METADATA_FILE).is_file() for v in scan_versions(model_dir))
 
 
 def folder_signature(folder: str | Path) -> tuple | None:
@@ -95,6 +108,7 @@ class Repository:
         self.settings, self.metrics = settings, metrics
         self.root = Path(settings.model_repository)
         self.loader = loader or Loader(settings, metrics)
+        self.files = self.loader.files        # every look at the disk, bounded in time
         self.default_model: str | None = None
         self._models: dict[str, dict[int, ModelVersion]] = {}
         self._refused: dict[tuple[str, int], tuple] = {}    # (model, version) -> the files refused
@@ -113,8 +127,13 @@ class Repository:
         Raises ModelLoadError when there is not, or when the default model is not there."""
         if not self.root.is_dir():
             raise ModelLoadError(f"model repository {self.root} is not a folder")
-        names = [name for name in scan_models(self.root) if any(
-            (self.root / name / str(v) / METADATA_FILE).is_file() for v in scan_versions(self.root / name))]
+        names = []
+        for name in self.files.run_blocking(self.root, "the model repository", scan_models, self.root):
+            try:
+                if self.files.run_blocking(self.root / name, name, _has_metadata, self.root / name):
+                    names.append(name)
+            except Unanswered as exc:
+                log.error("%s; its model is not counted at start-up", exc.message)
         if not names:
             raise ModelLoadError(f"model repository {self.root}: no model to serve (expected "
                                  f"<model>/<version>/model.onnx and model.json)")
@@ -132,8 +151,19 @@ class Repository:
         self._started = True
 
     async def sync_all(self, settle: bool = False) -> None:
-        for name in await asyncio.to_thread(scan_models, self.root):
-            await self.sync(name, settle)
+        """Every model, side by side: one that fails or hangs holds back no other."""
+        try:
+            names = await self.files.run(self.root, "the model repository", scan_models, self.root)
+        except Unanswered as exc:
+            if exc.waited:
+                log.error("%s; nothing is synced until it answers", exc.message)
+            return
+        outcomes = await asyncio.gather(*(self.sync(name, settle) for name in names), return_exceptions=True)
+        for name, outcome in zip(names, outcomes):
+            if isinstance(outcome, Exception):
+                log.error("syncing model %s failed; the others are not affected", name, exc_info=outcome)
+            elif isinstance(outcome, BaseException):
+                raise outcome
 
     async def poll(self, interval_s: float) -> None:
         """STEPNET_REPOSITORY_POLL_S: sync every model every interval_s seconds, until cancelled."""
@@ -152,7 +182,12 @@ class Repository:
             if name in self._held_models:
                 return
             config = await self._config(name, settle)
-            on_disk = await asyncio.to_thread(scan_versions, self.root / name)
+            try:
+                on_disk = await self.files.run(self.root / name, name, scan_versions, self.root / name)
+            except Unanswered as exc:
+                if exc.waited:
+                    log.error("%s; what serves of it serves on", exc.message)
+                return
             previous, self._scanned[name] = self._scanned.get(name, {}), on_disk
             versions = self._models.setdefault(name, {})
             self._changing = {(n, v) for n, v in self._changing if n != name}
@@ -180,7 +215,12 @@ class Repository:
         has stayed unchanged for one poll); None while the file is invalid, refused once per
         change with a log line and a load failure count."""
         model_dir = self.root / name
-        signature = await asyncio.to_thread(file_signature, model_dir)
+        file, where = model_dir / serving_config.SERVING_FILE, f"{name}/{serving_config.SERVING_FILE}"
+        try:
+            signature = await self.files.run(file, where, file_signature, model_dir)
+        except Unanswered as exc:
+            self._refuse_config(name, UNANSWERED, exc)
+            return None
         known = self._configs.get(name)
         if known is not None and known[0] == signature:
             return known[1]
@@ -189,18 +229,25 @@ class Repository:
             return known[1]
         self._configs_seen[name] = signature
         try:
-            config = await asyncio.to_thread(serving_config.read, model_dir, self.settings)
+            config = await self.files.run(file, where, serving_config.read, model_dir, self.settings)
         except ModelLoadError as exc:
-            self._configs[name] = (signature, None, exc.public)
-            self.metrics.load_failures.labels(name).inc()
-            log.error("refused model %s: %s; %s", name, exc.message,
-                      "the versions serving serve on, with the configuration they have"
-                      if self.versions(name) else "none of its versions is loaded")
+            self._refuse_config(name, signature, exc)
             return None
         if known is not None:
             log.info("%s: %s changed; versions it affects are reloaded", name, serving_config.SERVING_FILE)
         self._configs[name] = (signature, config, None)
         return config
+
+    def _refuse_config(self, name: str, signature: tuple | None, exc: ModelLoadError) -> None:
+        """serving.json cannot be used: refused with a log line and a count, once per change (and
+        once per hang of its file system)."""
+        self._configs[name] = (signature, None, exc.public)
+        if isinstance(exc, Unanswered) and not exc.waited:
+            return
+        self.metrics.load_failures.labels(name).inc()
+        log.error("refused model %s: %s; %s", name, exc.message,
+                  "the versions serving serve on, with the configuration they have"
+                  if self.versions(name) else "none of its versions is loaded")
 
     def config_error(self, name: str) -> str | None:
         """Why the model's serving.json was refused (public), or None."""
@@ -239,7 +286,7 @@ class Repository:
             record.state, record.error = State.FAILED, "loading was cancelled"
             raise
         except Exception as exc:        # whatever a broken version does, the ones serving serve on
-            self._failed(record, exc, replaced)
+            await self._failed(record, exc, replaced)
             return False
         served.batcher.start()
         record.served, record.state = served, State.READY
@@ -253,11 +300,12 @@ class Repository:
         log.info("serving %s:%s (%s)", name, version, served.provider)
         return True
 
-    def _failed(self, record: ModelVersion, exc: Exception, replaced: ModelVersion | None) -> None:
+    async def _failed(self, record: ModelVersion, exc: Exception, replaced: ModelVersion | None) -> None:
         """A load that failed: refused and counted, unless its files changed while it ran (a copy
-        still in progress, tried again once they settle)."""
+        still in progress, tried again once they settle). A version whose files did not answer
+        in time is refused (with the reason) until they change or an admin loads its model."""
         name, version = record.name, record.version
-        if folder_signature(record.folder) != record.signature[0]:
+        if not isinstance(exc, Unanswered) and await self._changed(record):
             self._changing.add((name, version))
             self._refused[(name, version)] = record.signature     # these files: not again
             if replaced is None or replaced.state is not State.READY:
@@ -271,6 +319,14 @@ class Repository:
         self.metrics.load_failures.labels(name).inc()
         log.error("refused %s/%s (%s): %s", name, version, record.folder,
                   exc.message if expected else f"{type(exc).__name__}: {exc}", exc_info=not expected)
+
+    async def _changed(self, record: ModelVersion) -> bool:
+        try:
+            now = await self.files.run(record.folder, f"{record.name}/{record.version}",
+                                       folder_signature, record.folder)
+        except Unanswered:
+            return False
+        return now != record.signature[0]
 
     def _retire(self, record: ModelVersion, reason: str) -> None:
         """Unpublish now; drain in the background (requests holding it finish first)."""
@@ -292,7 +348,7 @@ class Repository:
         """Admin load: forget earlier unloads and refusals of `name`, then sync it from disk."""
         if not valid_model_name(name):
             raise BadRequest(f"{name!r} is not a model name ({MODEL_NAME_RULE})")
-        if not (self.root / name).is_dir():
+        if not await self.files.run(self.root / name, name, (self.root / name).is_dir):
             raise ModelNotFound(f"no model {name!r} in the repository")
         self._held_models.discard(name)
         self._held_versions = {held for held in self._held_versions if held[0] != name}
@@ -363,8 +419,9 @@ class Repository:
         return sorted(v for v, r in self._models.get(name, {}).items() if r.state is State.READY)
 
     def _names(self) -> list[str]:
+        """The models that serve: a version of each is ready."""
         return sorted(name for name, versions in self._models.items() if name not in self._held_models
-                      and any(r.state.listed for r in versions.values()))
+                      and any(r.state is State.READY for r in versions.values()))
 
     def records(self) -> list[ModelVersion]:
         return [record for _, versions in sorted(self._models.items())
@@ -375,8 +432,16 @@ class Repository:
 
     async def index(self) -> list[ModelVersion]:
         """Every version on disk or known to this process; one never tried is listed unloaded."""
-        on_disk = {name: await asyncio.to_thread(scan_versions, self.root / name)
-                   for name in await asyncio.to_thread(scan_models, self.root)}
+        on_disk: dict[str, dict[int, tuple]] = {}
+        try:
+            names = await self.files.run(self.root, "the model repository", scan_models, self.root)
+        except Unanswered:
+            names = []                          # what this process knows is listed
+        for name in names:
+            try:
+                on_disk[name] = await self.files.run(self.root / name, name, scan_versions, self.root / name)
+            except Unanswered:
+                on_disk[name] = {}
         out = []
         for name in sorted(set(on_disk) | set(self._models)):
             known = self._models.get(name, {})

@@ -7,8 +7,10 @@ settings give the defaults, the file overrides them for its model:
      "version_policy": {"latest": {"num_versions": 1}}}      or {"all": {}}
                                                              or {"specific": {"versions": [1, 3]}}
 
-An unknown key, a wrong type or value, or a file that is not JSON refuses the model (service.
-repository: a log line and a load failure count; the versions already serving serve on).
+An unknown key, a wrong type or value (types are strict: "8" is not 8), or a file that is not JSON
+refuses the model (service.repository: a log line and a load failure count; the versions already
+serving serve on). So does a serving.json that is not a regular file inside the repository, or is
+larger than MAX_FILE_BYTES (service.model_files).
 """
 
 import json
@@ -21,13 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from service.core.config import Settings
 from service.errors import ModelLoadError
+from service.model_files import read_file
 
 SERVING_FILE = "serving.json"
 MAX_FILE_BYTES = 64 * 1024
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class Latest(_Strict):
@@ -133,14 +136,11 @@ def read(model_dir: Path, settings: Settings) -> ServingConfig:
     base = defaults(settings)
     where = f"{model_dir.name}/{SERVING_FILE}"
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
+        data = read_file(path, model_dir.parent, MAX_FILE_BYTES)
     except FileNotFoundError:
         return base
     except OSError as exc:
         raise ModelLoadError(f"{path}: {exc}", f"{where} cannot be read ({exc.strerror})") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise ModelLoadError(f"{where}: larger than {MAX_FILE_BYTES} bytes")
     try:
         parsed = ServingFile.model_validate(json.loads(data))
     except (ValueError, UnicodeDecodeError) as exc:   # JSONDecodeError and ValidationError are ValueErrors
