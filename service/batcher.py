@@ -14,10 +14,21 @@ next batch fills. A solo instance (on the CPU, one more session with every core,
 split them) takes a batch only while no other instance runs one, and then it is the one taken: a
 lone request runs on all the cores, while concurrent batches run side by side on a share each,
 with no thread of one session waiting on a core another holds (measured in
-benchmarks/results/amd-epyc-2c-2026-12-03-0946-instances.md). A batch that fails fails its own
-requests only (500), and takes its instance
-out of rotation until a batch of zeros runs on it again (tried at once, then after 1, 2, 4 ... up
-to 30 s): the other instances serve on meanwhile.
+benchmarks/results/amd-epyc-2c-2026-12-03-0946-instances.md).
+
+A failed batch (`_recover`) says only that something in it failed: one request's input (a value
+that takes a Gather out of bounds) or the instance (a lost GPU). The instance tells them apart by
+running a batch of zeros at once:
+- it fails too: the instance is broken. It leaves rotation until a batch of zeros runs on it
+  again (tried after 1, 2, 4 ... up to 30 s), and the batch's requests go back to the head of the
+  queue for the other instances, once each: with none in rotation, or on a second failure, they
+  get 500.
+- it runs: the failure is the input's, and the instance stays in rotation. The batch runs again
+  on it in halves, and each failing half in halves, so every request that can be answered is,
+  and each request that fails alone gets a generic 500 while the log gets ONNX Runtime's text
+  once, under the request's ID. It is not retried on another instance: the same graph fails on
+  the same input there too.
+Batches that run pay nothing for this.
 
 The batcher knows nothing of images or HTTP: it batches (C, H, W) arrays for a `run` callable,
 so any route that produces model inputs (the v2 protocol's tensors too) joins the same batches.
@@ -37,9 +48,10 @@ from opentelemetry import context as otel_context
 from service import tracing
 from service.errors import InferenceFailed, Overloaded, ShuttingDown
 from service.metrics import PROTOCOL, ModelMetrics
+from service.observability import REQUEST_ID
 
 log = logging.getLogger(__name__)
-PROBE_BACKOFF_S = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)    # then every 30 s
+PROBE_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)    # after the 1st, 2nd ... failed batch of zeros
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,18 +75,21 @@ class Instance:
     healthy: bool = True
     busy: bool = False
     batches: int = 0
-    failures: int = 0              # in a row; 0 once it runs again
-    last_error: str | None = None
+    failures: int = 0              # batches of zeros failed in a row; 0 once it runs again
+    last_error: str | None = None  # public (/models): the exception's type, not the runtime's text
     idle_since: float = field(default_factory=time.perf_counter)
     executor: ThreadPoolExecutor | None = None
 
 
 class _Item:
-    __slots__ = ("x", "future", "enqueued", "dispatched", "protocol", "trace_context", "enqueued_ns")
+    __slots__ = ("x", "future", "enqueued", "dispatched", "retried", "protocol", "request_id", "trace_context",
+                 "enqueued_ns")
 
     def __init__(self, x: np.ndarray, future: asyncio.Future):
         self.x, self.future, self.enqueued, self.dispatched = x, future, time.perf_counter(), False
+        self.retried = False                     # requeued once after its instance broke
         self.protocol = PROTOCOL.get()           # the request's transport, for the batch metrics
+        self.request_id = REQUEST_ID.get()       # for the log line if its input fails
         if tracing.enabled():                    # the request's span, for its queue span
             self.trace_context, self.enqueued_ns = otel_context.get_current(), time.time_ns()
 
@@ -227,38 +242,89 @@ class Batcher:
     async def _dispatch(self, instance: Instance, items: list[_Item]) -> None:
         batch_span = tracing.batch_spans(items, *self._model, instance.name, instance.device, time.time_ns())
         started = time.perf_counter()
+        loop = asyncio.get_running_loop()
         try:
-            outputs, inference_s = await asyncio.get_running_loop().run_in_executor(
-                instance.executor, self._run_batch, instance, items)
+            try:
+                outputs, inference_s = await loop.run_in_executor(instance.executor, self._run_batch, instance, items)
+            except Exception as exc:   # a failing session fails no more than it must, never the service
+                if batch_span is not None:
+                    tracing.fail(batch_span, exc)
+                await self._recover(instance, items, exc, started)
+                return
         except asyncio.CancelledError:
             _fail(items, ShuttingDown(f"{self.name} shut down while this request ran"))
             raise
-        except Exception as exc:   # a failing session fails its batch, not the service
-            _fail(items, InferenceFailed(f"{self.name}: inference failed: {exc}"))
-            if batch_span is not None:
-                tracing.fail(batch_span, exc)
-            self._take_out(instance, exc)
-            return
         finally:
             instance.busy, instance.idle_since = False, time.perf_counter()
             self._wakeup.set()
+        self._answer(instance, items, outputs, inference_s, started)
+        if batch_span is not None:
+            batch_span.end()
+
+    def _answer(self, instance: Instance, items: list[_Item], outputs: Sequence[np.ndarray],
+                inference_s: float, started: float) -> None:
         instance.batches += 1
         for i, item in enumerate(items):
             if not item.future.done():
                 item.future.set_result(BatchResult(tuple(out[i] for out in outputs),
                                                    started - item.enqueued, inference_s, len(items)))
         self._metrics.observe_batch([item.protocol for item in items])
-        if batch_span is not None:
-            batch_span.end()
         self._metrics.inference_seconds(instance.name, instance.device).observe(inference_s)
 
-    def _take_out(self, instance: Instance, exc: Exception) -> None:
+    async def _recover(self, instance: Instance, items: list[_Item], exc: Exception, started: float) -> None:
+        """After `items` failed on `instance` with `exc`: the rule of the module's docstring."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(instance.executor, instance.probe)
+        except Exception as probe_exc:
+            self._take_out(instance, exc, probe_exc, len(items))
+            self._retry_elsewhere(items)
+            return
+        failed = [(items, exc)]              # parts that failed on an instance that runs zeros
+        while failed:
+            part, exc = failed.pop()
+            part = [item for item in part if not item.future.done()]     # cancelled meanwhile
+            if not part:
+                continue
+            if len(part) == 1:
+                (item,) = part
+                log.error("%s instance %s (%s): inference failed on one request's input, run alone (its "
+                          "batch had %d); the instance serves on. %s: %s", self.name, instance.name,
+                          instance.device, len(items), type(exc).__name__, exc,
+                          extra={"request_id": item.request_id, "model": self._model[0], "version": self._model[1]})
+                item.future.set_exception(InferenceFailed(InferenceFailed.ON_INPUT))
+                continue
+            for half in (part[:len(part) // 2], part[len(part) // 2:]):
+                try:
+                    outputs, inference_s = await loop.run_in_executor(instance.executor, self._run_batch,
+                                                                      instance, half)
+                except Exception as half_exc:
+                    failed.append((half, half_exc))
+                else:
+                    self._answer(instance, half, outputs, inference_s, started)
+
+    def _retry_elsewhere(self, items: list[_Item]) -> None:
+        """A broken instance's batch: back to the head of the queue for the others, once."""
+        waiting = [item for item in items if not item.future.done()]
+        if self._closing or not self.healthy:
+            _fail(waiting, InferenceFailed(InferenceFailed.ON_INSTANCE))
+            return
+        _fail([item for item in waiting if item.retried], InferenceFailed(InferenceFailed.ON_INSTANCE))
+        again = [item for item in waiting if not item.retried]
+        for item in reversed(again):
+            item.retried, item.dispatched = True, False
+            self._queue.appendleft(item)
+        self._admitted += len(again)
+
+    def _take_out(self, instance: Instance, exc: Exception, probe_exc: Exception, batch_size: int) -> None:
         """Out of rotation until a batch of zeros runs on it again; the others serve meanwhile."""
-        instance.healthy, instance.last_error = False, f"{type(exc).__name__}: {exc}"
+        instance.healthy, instance.failures = False, 1
+        instance.last_error = _public(probe_exc)
         self._metrics.instance_failures(instance.name, instance.device).inc()
         others = sum(i.healthy for i in self.instances)
-        log.error("%s instance %s (%s) failed a batch (%s); out of rotation, %d other(s) serving",
-                  self.name, instance.name, instance.device, instance.last_error, others)
+        log.error("%s instance %s (%s) failed a batch of %d (%s: %s) and a batch of zeros (%s: %s); out of "
+                  "rotation, %d other(s) serving", self.name, instance.name, instance.device, batch_size,
+                  type(exc).__name__, exc, type(probe_exc).__name__, probe_exc, others)
         task = asyncio.get_running_loop().create_task(self._probe(instance),
                                                       name=f"probe-{self.name}-{instance.name}")
         self._running.add(task)
@@ -267,15 +333,15 @@ class Batcher:
     async def _probe(self, instance: Instance) -> None:
         loop = asyncio.get_running_loop()
         while not self._closing:
-            await asyncio.sleep(PROBE_BACKOFF_S[min(instance.failures, len(PROBE_BACKOFF_S) - 1)])
+            await asyncio.sleep(_backoff(instance.failures))
             instance.failures += 1
             try:
                 await loop.run_in_executor(instance.executor, instance.probe)
             except Exception as exc:
-                instance.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("%s instance %s (%s) still fails (%s); next try in %.0f s", self.name,
-                            instance.name, instance.device, instance.last_error,
-                            PROBE_BACKOFF_S[min(instance.failures, len(PROBE_BACKOFF_S) - 1)])
+                instance.last_error = _public(exc)
+                log.warning("%s instance %s (%s) still fails (%s: %s); next try in %.0f s", self.name,
+                            instance.name, instance.device, type(exc).__name__, exc,
+                            _backoff(instance.failures))
                 continue
             instance.healthy, instance.failures = True, 0
             log.info("%s instance %s (%s) runs again; back in rotation", self.name, instance.name,
@@ -292,6 +358,15 @@ class Batcher:
         started = time.perf_counter()
         outputs = instance.run(batch)
         return outputs, time.perf_counter() - started
+
+
+def _backoff(failures: int) -> float:
+    return PROBE_BACKOFF_S[min(failures, len(PROBE_BACKOFF_S)) - 1]
+
+
+def _public(exc: Exception) -> str:
+    """What /models shows of a failed batch of zeros; the runtime's text is in the log."""
+    return f"{type(exc).__name__}: a batch of zeros failed; the server log has the runtime's message"
 
 
 def _fail(items, exc: Exception) -> None:

@@ -87,8 +87,9 @@ class Metrics:
         self._inference = Histogram("stepnet_inference_seconds", "session.run time of one batch, by "
                                     "the instance (and its device: cpu, cuda:N) that ran it",
                                     instance, buckets=LATENCY_BUCKETS, registry=reg)
-        self._instance_failures = Counter("stepnet_instance_failures", "Batches that failed on an "
-                                          "instance (it is then out of rotation until it runs again)",
+        self._instance_failures = Counter("stepnet_instance_failures", "Times an instance was taken "
+                                          "out of rotation (a batch and then a batch of zeros failed on it; "
+                                          "a failure that one request's input causes is not counted)",
                                           instance, registry=reg)
         self._batch = Histogram("stepnet_batch_size", "Requests per batch", model,
                                 buckets=BATCH_BUCKETS, registry=reg)

@@ -95,7 +95,8 @@ class InstanceInfo(BaseModel):
     provider: str
     threads: int | None = Field(description="intra-op threads (CPU sessions)")
     solo: bool = Field(description="runs a batch only while no other instance does (STEPNET_CPU_SOLO)")
-    healthy: bool = Field(description="in rotation; false after a failed batch until it runs again")
+    healthy: bool = Field(description="in rotation; false once a failed batch and then a batch of zeros "
+                                      "failed on it, until a batch of zeros runs again")
     busy: bool = Field(description="running a batch now")
     batches: int = Field(description="batches it has run")
     last_error: str | None = Field(description="why it last failed, if it has")

@@ -1,8 +1,9 @@
 """service.batcher without HTTP: requests queued in one step coalesce into one batch, each gets its
 own row, the queue bound refuses at once, a cancelled request frees its slot and its work is never
-run, a failing run fails its batch only, and close() finishes what was admitted. With several
-instances, batches run at the same time, and a failing instance is taken out of rotation while
-the others serve, until its probe runs again."""
+run, an input that fails the run fails its own request only, and close() finishes what was
+admitted. With several instances, batches run at the same time, and a broken instance (its batch
+of zeros fails too) is taken out of rotation while the others serve its batch and the next ones,
+until its probe runs again."""
 
 import asyncio
 import threading
@@ -19,20 +20,21 @@ pytestmark = pytest.mark.timeout(30)
 
 
 class Model:
-    """A `run` that records its batch sizes and returns each row's sum, optionally held back."""
+    """A `run` that records its batch sizes and returns each row's sum, optionally held back. It
+    fails every batch (`fail`), or those with a row full of `poison` (an input it cannot take)."""
 
-    def __init__(self, fail: bool = False, barrier: threading.Barrier | None = None):
+    def __init__(self, fail: bool = False, barrier: threading.Barrier | None = None, poison: float | None = None):
         self.batches: list[int] = []
         self.release = threading.Event()
         self.release.set()
-        self.fail, self.probe_fails, self.barrier = fail, False, barrier
+        self.fail, self.probe_fails, self.barrier, self.poison = fail, False, barrier, poison
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         if self.barrier is not None:       # slowed on purpose: runs until another batch runs too
             self.barrier.wait()
         self.release.wait(10)
         self.batches.append(len(batch))
-        if self.fail:
+        if self.fail or self.poison is not None and (batch == self.poison).all(axis=(1, 2, 3)).any():
             raise RuntimeError("boom")
         return [batch.reshape(len(batch), -1).sum(1)]
 
@@ -122,19 +124,46 @@ def test_a_cancelled_request_leaves_the_queue_and_its_work_is_not_done():
     assert asyncio.run(main()).batches == [1]     # only the first request's batch ever ran
 
 
-def test_a_failing_run_fails_its_batch_and_the_batcher_serves_on():
+def test_an_input_that_fails_the_run_fails_its_own_request_only(caplog):
+    """Four requests in one batch, the third poisoned: the batch runs again in halves, then the
+    failing half in halves; the others get their rows, the third a generic error, the log the
+    runtime's text once, and the instance stays in rotation."""
+    async def main():
+        model = Model(poison=2.0)
+        b = batcher(model, max_queue_delay_s=0.05)
+        b.start()
+        answers = await asyncio.gather(*(submit_all(b, [x]) for x in rows(4)), return_exceptions=True)
+        assert b.instances[0].healthy and b.instances[0].last_error is None
+        again = await submit_all(b, rows(2))            # it serves on
+        await b.close(5)
+        return model, answers, again
+
+    model, answers, again = asyncio.run(main())
+    assert model.batches == [4, 2, 2, 1, 1, 2]
+    assert [float(a[0].outputs[0]) for a in (answers[0], answers[1], answers[3])] == [0.0, 4.0, 12.0]
+    assert [a[0].batch_size for a in (answers[0], answers[1], answers[3])] == [2, 2, 1]
+    assert isinstance(answers[2], InferenceFailed) and answers[2].message == InferenceFailed.ON_INPUT
+    assert [float(r.outputs[0]) for r in again] == [0.0, 4.0]
+    (line,) = [r.getMessage() for r in caplog.records if "boom" in r.getMessage()]
+    assert "one request's input" in line and "its batch had 4" in line
+
+
+def test_a_broken_lone_instance_fails_its_batch_with_a_generic_message():
     async def main():
         model = Model(fail=True)
+        model.probe_fails = True
         b = batcher(model)
         b.start()
-        with pytest.raises(InferenceFailed, match="boom"):
-            await submit_all(b, rows(2))
-        model.fail = False
-        ok = await submit_all(b, rows(1))
+        answers = await asyncio.gather(*(submit_all(b, [x]) for x in rows(2)), return_exceptions=True)
+        assert not b.instances[0].healthy
+        assert b.instances[0].last_error.startswith("RuntimeError: ")
+        assert "still broken" not in b.instances[0].last_error
         await b.close(5)
-        return ok
+        return model, answers
 
-    assert float(asyncio.run(main())[0].outputs[0]) == 0.0
+    model, answers = asyncio.run(main())
+    assert model.batches == [2]                         # no part of it runs on a broken instance
+    assert all(isinstance(a, InferenceFailed) and a.message == InferenceFailed.ON_INSTANCE for a in answers)
 
 
 def test_close_finishes_what_was_admitted_then_refuses():
@@ -181,18 +210,18 @@ def test_two_instances_run_two_batches_at_the_same_time_and_give_the_same_result
         asyncio.run(main([Model(barrier=alone)]))
 
 
-def test_a_failing_instance_fails_its_batch_and_is_out_of_rotation_until_its_probe_runs():
+def test_a_broken_instance_leaves_rotation_its_batch_goes_to_the_others_until_its_probe_runs():
     async def main():
         broken, healthy = Model(fail=True), Model()
         broken.probe_fails = True
         b = batcher(broken, healthy, max_batch_size=2)
         b.start()
-        with pytest.raises(InferenceFailed, match="boom"):      # instance 0 is idle longest: it gets the first
-            await submit_all(b, rows(2))
+        served = [await submit_all(b, rows(2))]         # instance 0 is idle longest: it fails the first
         assert [i.healthy for i in b.instances] == [False, True] and b.healthy
-        served = [await submit_all(b, rows(2)) for _ in range(3)]   # the others serve meanwhile
-        assert broken.batches == [2] and healthy.batches == [2, 2, 2]
-        assert b.instances[0].last_error == "RuntimeError: still broken"     # what its probe said
+        served += [await submit_all(b, rows(2)) for _ in range(3)]   # the others serve meanwhile
+        assert broken.batches == [2] and healthy.batches == [2, 2, 2, 2]
+        assert b.instances[0].last_error == ("RuntimeError: a batch of zeros failed; "
+                                             "the server log has the runtime's message")
         broken.fail, broken.probe_fails = False, False           # repaired: the next probe (1 s) passes
         for _ in range(100):
             if b.instances[0].healthy:
@@ -248,11 +277,10 @@ def test_a_solo_instance_takes_the_lone_batches_and_none_while_another_runs():
         assert [m.batches for m in models] == [[1], [1], [1, 1, 1, 1, 1]]
 
         models[2].fail = models[2].probe_fails = True
-        with pytest.raises(InferenceFailed):
-            await submit_all(b, rows(1))
-        assert not instances[2].healthy
+        await submit_all(b, rows(1))                   # fails on the solo one, then a sharing one serves it
+        assert not instances[2].healthy and len(models[0].batches) + len(models[1].batches) == 3
         await submit_all(b, rows(1))                   # out of rotation: a sharing instance serves
-        assert len(models[0].batches) + len(models[1].batches) == 3
+        assert len(models[0].batches) + len(models[1].batches) == 4
         await b.close(5)
 
     asyncio.run(main())
