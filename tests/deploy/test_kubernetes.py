@@ -226,8 +226,10 @@ def test_the_pod_runs_unprivileged_on_a_read_only_root(flavour):
 def test_without_the_volume_the_image_default_model_serves():
     docs = render("cpu+image-models")
     _, container, volumes = workload(docs)
-    assert "/models" not in {m["mountPath"] for m in container["volumeMounts"]} and set(volumes) == {"tmp"}
+    assert "/models" not in {m["mountPath"] for m in container["volumeMounts"]}
+    assert set(volumes) == {"tmp", "admin-key"}
     assert not [d for d in docs if d["kind"] in ("PersistentVolumeClaim", "Job")]
+    assert [d["metadata"]["name"] for d in docs if d["kind"] == "NetworkPolicy"] == ["stepnet"]
     assert environment(docs, container)["STEPNET_MODEL_REPOSITORY"] == "/models"   # the Dockerfile's COPY
 
 
@@ -278,7 +280,7 @@ def test_ports_probes_and_selectors_agree(flavour):
         for port in service["spec"]["ports"]:
             assert port["port"] == ports[port["targetPort"]]
             assert port["appProtocol"] == {"http": "http", "grpc": "kubernetes.io/h2c"}[port["targetPort"]]
-    policy = one(docs, "NetworkPolicy")["spec"]
+    policy = one(docs, "NetworkPolicy", "stepnet")["spec"]
     (ingress,) = policy["ingress"]
     assert {p["port"] for p in ingress["ports"]} == set(ports.values()) and policy["egress"] == []
     selectors = [one(docs, "PodDisruptionBudget")["spec"]["selector"], policy["podSelector"],
@@ -314,16 +316,56 @@ def test_cpu_and_gpu_flavours(flavour):
 
 
 @needs_kubectl
-def test_the_image_setting_reaches_every_container():
+@pytest.mark.parametrize("pin, image", [
+    ({"newTag": "2.0"}, "registry.example/stepnet:2.0"),
+    ({"digest": "sha256:" + "0f" * 32}, "registry.example/stepnet@sha256:" + "0f" * 32),   # docs/deploy.md
+], ids=["tag", "digest"])
+def test_the_image_setting_reaches_every_container(pin, image):
     with tempfile.TemporaryDirectory() as folder:
         rel = os.path.relpath(KUBE, folder)
         for flavour in ("overlays/cpu", "overlays/gpu", "kserve"):
             Path(folder, "kustomization.yaml").write_text(yaml.safe_dump({
                 "resources": [f"{rel}/{flavour}"],
-                "images": [{"name": "stepnet", "newName": "registry.example/stepnet", "newTag": "2.0"}]}))
+                "images": [{"name": "stepnet", "newName": "registry.example/stepnet", **pin}]}))
             out = subprocess.run([KUBECTL, "kustomize", folder], capture_output=True, text=True, timeout=30)
             images = re.findall(r"^\s*image: (\S+)$", out.stdout, re.M)
-            assert images and set(images) == {"registry.example/stepnet:2.0"}, (flavour, out.stderr)
+            assert images and set(images) == {image}, (flavour, out.stderr)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("flavour", DEPLOYMENTS)
+def test_the_admin_key_is_a_file_of_the_optional_secret(flavour, tmp_path):
+    """Mounted read-only, readable by root and the pod's group only, named by STEPNET_ADMIN_KEY_FILE; never a
+    variable. Without the Secret the file is missing and the endpoints are off."""
+    docs = render(flavour)
+    pod, container, volumes = workload(docs)
+    assert not [e for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})]
+    assert not [s for s in container.get("envFrom", []) if "secretRef" in s]
+    path = Path(environment(docs, container)["STEPNET_ADMIN_KEY_FILE"])
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    secret = volumes[mount["name"]]["secret"]
+    assert mount["readOnly"] and secret["secretName"] == "stepnet-admin" and secret["optional"]
+    assert secret["items"] == [{"key": "STEPNET_ADMIN_KEY", "path": path.name}]     # docs/kubernetes.md's key
+    assert secret["defaultMode"] == 0o440 and pod["securityContext"]["fsGroup"] == 10001   # uid 10001 reads it
+    key = tmp_path / path.name
+    key.write_text("k8s-admin-key-0123456789\n")      # as `kubectl create secret --from-file` keeps it
+    assert Settings(admin_key_file=key).admin_key.get_secret_value() == "k8s-admin-key-0123456789"
+    assert Settings(admin_key_file=tmp_path / "absent").admin_key is None
+
+
+@needs_kubectl
+@pytest.mark.parametrize("flavour", DEPLOYMENTS)
+def test_every_pod_is_selected_by_a_network_policy(flavour):
+    """The serving pods take 8000 and 8001 in and send nothing out (test_ports_probes_and_selectors_agree);
+    the fill Job's pod copies between two local filesystems: nothing in or out."""
+    docs = render(flavour)
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    for owner in (d for d in docs if d["kind"] in ("Deployment", "Job")):
+        labels = owner["spec"]["template"]["metadata"]["labels"]
+        (policy,) = [p["spec"] for p in policies if p["spec"]["podSelector"]["matchLabels"].items() <= labels.items()]
+        assert policy["policyTypes"] == ["Ingress", "Egress"] and policy["egress"] == []
+        if owner["kind"] == "Job":
+            assert policy["ingress"] == []
 
 
 # ---- autoscaling ----
@@ -445,7 +487,7 @@ def test_every_alert_has_a_unit_test_that_fires_it():
 
 def fill(source: Path, target: Path) -> str:
     """The fill Job's script, run here as its container runs it."""
-    job = yaml.safe_load((KUBE / "base" / "job-fill-models.yaml").read_text())
+    job = one(load(KUBE / "base" / "job-fill-models.yaml"), "Job")
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert container["command"] == ["/bin/sh", "-c"]
     env = {"PATH": os.environ["PATH"], "SOURCE": str(source), "TARGET": str(target)}
