@@ -83,7 +83,8 @@ def register(sub) -> None:
                     "model.json, see docs/model-repository.md): BatchNorm folded, one ai.stepnet "
                     "node per residual block, diagnostics outputs, verified against PyTorch and "
                     "calibrated on test images. Exit codes: 0 written, 1 verification failed "
-                    "(nothing written), 2 bad input (nothing written).")
+                    "(nothing written), 2 bad input or a destination that cannot take the files: "
+                    "unwritable (refused before any work) or full (nothing written).")
     p.add_argument("checkpoint", type=Path, help="checkpoint folder written by `stepnet train`")
     p.add_argument("--repository", type=Path, default=Path("model_repository"),
                    help="model repository folder (default model_repository; created if missing)")

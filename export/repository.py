@@ -6,6 +6,9 @@ A version appears whole or not at all: it is written into a hidden temporary fol
 target (`<name>/.<version>.partial-XXXX`) and renamed into place. An existing version is replaced
 only on request (force), by renaming it aside, renaming the new one in and then deleting the old.
 Any error, Ctrl-C included, removes the temporary folder and restores what was there.
+
+A destination that cannot be written is refused before any work (resolve_version); one that
+fails while writing (a full disk) raises WriteError, which the CLI reports in one line.
 """
 
 import hashlib
@@ -23,6 +26,25 @@ def check_name(name: str) -> str:
     if not valid_model_name(name):
         raise UserError(f"invalid model name {name!r}: {MODEL_NAME_RULE}")
     return name
+
+
+class WriteError(UserError, OSError):
+    """The repository could not take the version (a full disk, a file system turned read-only):
+    an OSError, and a mistake the user can fix (one line, exit 2). Nothing was written."""
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse a folder that cannot be created or written in: its nearest existing ancestor (itself
+    included) must be a folder this process may write. os.access sees a read-only file system
+    even for root, whom permission bits do not stop."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"cannot write {folder}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {folder}: {existing} is not writable (read-only file system or "
+                        f"permissions)")
 
 
 def check_repository(repository: Path) -> Path:
@@ -44,6 +66,7 @@ def resolve_version(repository: Path, name: str, version: int | None, force: boo
     model_dir = check_repository(repository) / check_name(name)
     if model_dir.exists() and not model_dir.is_dir():
         raise UserError(f"{model_dir} is not a folder")
+    check_writable(model_dir)
     if version is None:
         return max(versions(model_dir), default=0) + 1
     if version < 1:
@@ -78,10 +101,11 @@ def write_version(repository: Path, name: str, version: int, files: dict[str, by
     while not folder.exists():
         created.append(folder)
         folder = folder.parent
-    model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{version}{PARTIAL}", dir=model_dir))
-    old = None
+    tmp: Path | None = None
+    old: Path | None = None
     try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{version}{PARTIAL}", dir=model_dir))
         tmp.chmod(0o755)                       # mkdtemp makes it private; a server must read it
         for filename, data in files.items():
             _write(tmp / filename, data)
@@ -93,13 +117,16 @@ def write_version(repository: Path, name: str, version: int, files: dict[str, by
             old = model_dir / f".{version}{REPLACED}{tmp.name.rsplit('-', 1)[1]}"
             os.rename(target, old)
         os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not target.exists():
             os.rename(old, target)
         for folder in created:              # leave the repository as it was
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
+        if isinstance(exc, OSError):
+            raise WriteError(f"cannot write {target}: {exc.strerror or exc}; nothing was written") from exc
         raise
     _fsync_dir(model_dir)
     if old is not None:

@@ -17,20 +17,33 @@ Spans, in the trace of the client's W3C `traceparent` where it sends one:
 - `queue` (from enqueue to the start of its batch), a child of the request, linked to the batch;
 - `inference` (session.run of one batch, in its own trace: one batch serves many requests), with
   a link to every request it served and the batch size, model, version and instance.
+
+On shutdown the spans left are exported for at most FLUSH_TIMEOUT_S. The SDK alone would wait up
+to 30 s (its processor's bound), and an unreachable collector takes the exporter's whole timeout
+per batch (OTEL_EXPORTER_OTLP_TIMEOUT, 10 s), spent in retries with backoff.
 """
 
+import logging
 import os
+import threading
+from typing import TYPE_CHECKING
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, SpanKind, StatusCode
 
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
+
+log = logging.getLogger(__name__)
 TRACER = trace.get_tracer("stepnet")
-_enabled = False
+FLUSH_TIMEOUT_S = 3.0       # the last export on shutdown: beside STEPNET_SHUTDOWN_TIMEOUT_S in the grace period
+_sdk: "tuple[TracerProvider, SpanExporter] | None" = None     # set when tracing is on
 
 
 def enabled() -> bool:
-    return _enabled
+    return _sdk is not None
 
 
 def wanted(mode: str) -> bool:
@@ -43,9 +56,9 @@ def wanted(mode: str) -> bool:
 
 def setup(mode: str) -> bool:
     """Installs the SDK's tracer provider with a batching OTLP exporter, when wanted."""
-    global _enabled
-    if _enabled or not wanted(mode):
-        return _enabled
+    global _sdk
+    if _sdk is not None or not wanted(mode):
+        return _sdk is not None
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -53,18 +66,26 @@ def setup(mode: str) -> bool:
 
     provider = TracerProvider(resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME",
                                                                                         "stepnet")}))
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    exporter = OTLPSpanExporter()
+    provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
-    _enabled = True
+    _sdk = provider, exporter
     return True
 
 
 def shutdown() -> None:
-    """Flush what is left (at the end of the app's lifespan)."""
-    if _enabled:
-        provider = trace.get_tracer_provider()
-        if hasattr(provider, "shutdown"):
-            provider.shutdown()
+    """Flush what is left (at the end of the app's lifespan), for at most FLUSH_TIMEOUT_S; then
+    the exporter is shut down, which ends its retries, and what it had not sent is dropped."""
+    if _sdk is None:
+        return
+    provider, exporter = _sdk
+    flushing = threading.Thread(target=provider.shutdown, name="otel-flush", daemon=True)
+    flushing.start()
+    flushing.join(FLUSH_TIMEOUT_S)
+    if flushing.is_alive():
+        exporter.shutdown()
+        log.warning("the OTLP collector took longer than %.0f s: the spans not yet exported are dropped",
+                    FLUSH_TIMEOUT_S)
 
 
 def server_span(name: str, carrier: dict[str, str]):
@@ -86,7 +107,7 @@ def finish_request(span, status: int, request_id: str | None, model: tuple[str, 
 def batch_spans(items, model: str, version: int, instance: str, device: str, dispatched_ns: int):
     """The batch's `inference` span, linked to each request, and each request's `queue` span,
     linked to the batch. Returns the inference span (to end after the run) or None when off."""
-    if not _enabled:
+    if _sdk is None:
         return None
     links = [Link(trace.get_current_span(item.trace_context).get_span_context()) for item in items]
     batch = TRACER.start_span("inference", context=otel_context.Context(), links=links, attributes={
