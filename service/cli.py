@@ -32,7 +32,11 @@ def _cmd_serve(args) -> int:
         except ModelLoadError as exc:
             raise UserError(f"{exc.message}; STEPNET_DEVICE=auto falls back to the CPU provider") from None
 
-    _open_file_limit(settings.max_connections)
+    _check_listeners(settings)
+
+    from service.core.budget import ConnectionBudget
+
+    _open_file_limit(ConnectionBudget.of(settings).open_files, settings.max_connections)
 
     from service.main import serve
 
@@ -40,11 +44,47 @@ def _cmd_serve(args) -> int:
     return 0
 
 
-def _open_file_limit(connections: int) -> None:
-    """Raise the soft limit on open files to what STEPNET_MAX_CONNECTIONS needs, or refuse."""
+def _check_listeners(settings) -> None:
+    """Refuse a host that does not resolve, or a port that cannot be listened on (in use, taken
+    by the other listener, privileged), before anything starts: each port is bound on every
+    address of the host and listened on, as uvicorn and gRPC will (SO_REUSEADDR, no
+    SO_REUSEPORT), both at once. A port taken after this check fails the start in one line too
+    (service.main.serve)."""
+    import socket
+
+    ports = [("STEPNET_PORT", settings.port)] + ([("STEPNET_GRPC_PORT", settings.grpc_port)]
+                                                 if settings.grpc_port else [])
+    try:
+        addresses = dict.fromkeys(socket.getaddrinfo(settings.host or None, 0, type=socket.SOCK_STREAM,
+                                                     flags=socket.AI_PASSIVE))
+    except socket.gaierror as exc:
+        raise UserError(f"STEPNET_HOST={settings.host} does not resolve to an address to listen on "
+                        f"({exc.strerror.lower()})") from None
+    held: list[socket.socket] = []
+    try:
+        for name, port in ports:
+            for family, kind, proto, _, address in addresses:
+                sock = socket.socket(family, kind, proto)
+                held.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    sock.bind((address[0], port, *address[2:]))
+                    sock.listen()
+                except OSError as exc:
+                    raise UserError(f"cannot listen on {settings.host}:{port} ({name}): "
+                                    f"{(exc.strerror or str(exc)).lower()}") from None
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def _open_file_limit(needed: int, connections: int) -> None:
+    """Raise the soft limit on open files to what the connection budget of both listeners
+    needs (STEPNET_MAX_CONNECTIONS and the files beside them), or refuse."""
     import resource
 
-    needed = connections + 256          # + model files, listening sockets, threads' pipes, logs
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return

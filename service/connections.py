@@ -13,38 +13,32 @@ memory and the file descriptors. GuardedHttpToolsProtocol is uvicorn's protocol 
 - STEPNET_HEADER_TIMEOUT_S: from a connection's first byte (or its opening) to the end of a
   request head; past it 408 and close. uvicorn's keep-alive timeout still closes idle
   connections between requests.
-- STEPNET_MAX_CONNECTIONS: open connections; one beyond it gets 503 with Retry-After at once and
-  is closed, so the process keeps descriptors for the clients it serves.
+- STEPNET_MAX_CONNECTIONS: open connections (HTTP's share of the budget, service.core.budget);
+  one beyond it gets 503 with Retry-After at once and is closed, so the process keeps
+  descriptors for the clients it serves.
 
 Each refusal is one log line and a count in stepnet_connections_refused_total{reason}.
 """
 
 import json
 import logging
-from dataclasses import dataclass
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from service.core.budget import ConnectionBudget
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class ConnectionLimits:
-    max_header_bytes: int
-    header_timeout_s: float
-    max_connections: int
-
-
-def guarded_protocol(limits: ConnectionLimits, metrics: Metrics) -> type[HttpToolsProtocol]:
+def guarded_protocol(limits: ConnectionBudget, metrics: Metrics) -> type[HttpToolsProtocol]:
     """uvicorn's `http=` protocol class with these limits (uvicorn constructs it per connection)."""
     return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,),
                 {"limits": limits, "metrics": metrics})
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    limits: ConnectionLimits
+    limits: ConnectionBudget
     metrics: Metrics
 
     def connection_made(self, transport) -> None:
@@ -54,9 +48,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._heads = 0                 # heads completed on this connection
         self._head_timer = None
         self.metrics.connections.inc()
-        if len(self.connections) > self.limits.max_connections:
-            self._refuse(503, "connection_limit", f"more than {self.limits.max_connections} open "
-                         f"connections (STEPNET_MAX_CONNECTIONS); retry later", {"retry-after": "1"})
+        if len(self.connections) > self.limits.http_connections:
+            self._refuse(503, "connection_limit", f"more than {self.limits.http_connections} open "
+                         f"HTTP connections (STEPNET_MAX_CONNECTIONS); retry later", {"retry-after": "1"})
             return
         self._start_head_timer()
 

@@ -20,6 +20,8 @@ from service.observability import REQUEST_ID
 from stepnet.repository import VERSION_PATTERN, VERSION_RULE
 
 log = logging.getLogger(__name__)
+# gRPC sends the message as trailing metadata, which clients cap at 8 KiB by default
+MAX_MESSAGE_CHARS = 1024
 
 
 class ServiceError(Exception):
@@ -37,6 +39,8 @@ class ServiceError(Exception):
         cls.headers = headers if headers is not None else cls.headers
 
     def __init__(self, message: str):
+        if len(message) > MAX_MESSAGE_CHARS:     # echoed input stays inside a client's header limits
+            message = message[:MAX_MESSAGE_CHARS - 1] + "…"
         super().__init__(message)
         self.message = message
 
@@ -102,7 +106,11 @@ class AdminDisabled(ServiceError, status=403, code="admin_disabled"):
 
 
 class InferenceFailed(ServiceError, status=500, code="inference_failed"):
-    """The session failed on a batch (that batch fails; the service serves on)."""
+    """The runtime failed on this request; the requests batched with it are answered all the
+    same (service.batcher). The message is one of the two below: ONNX Runtime's own text names
+    graph nodes, shapes and values, so it goes to the log only, beside the request's ID."""
+    ON_INPUT = "inference failed on this request's input; the server logged the runtime's error"
+    ON_INSTANCE = "the model instance running this request failed; the server logged the runtime's error"
 
 
 class Unavailable(ServiceError, status=503, code="unavailable", headers={"Retry-After": "1"}):
@@ -132,6 +140,11 @@ class BodyTimeout(ServiceError, status=408, code="request_timeout", headers={"Co
 class ClientDisconnected(ServiceError, status=499, code="client_closed_request"):
     """The client closed the connection before its request was complete. Nobody reads the answer;
     the status (nginx's 499) is what the metrics and the access log record."""
+
+
+class ClientDeadline(ClientDisconnected, code="client_deadline_exceeded"):
+    """The client's own deadline (gRPC's grpc-timeout) passed before STEPNET_REQUEST_TIMEOUT_S
+    did: the client has given up, which is not the server's failure."""
 
 
 class ErrorDetail(BaseModel):

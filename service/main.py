@@ -24,6 +24,7 @@ from service.metrics import GpuCollector, Metrics, RequestMetricsMiddleware, Sta
 from service.observability import RequestIdMiddleware
 from service.preprocess import return_memory_to_the_os
 from service.repository import Repository
+from stepnet.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     traced = tracing.setup(settings.tracing)
     app = FastAPI(title="StepNet inference service", description=DESCRIPTION, version="1",
                   lifespan=lifespan, docs_url=None, redoc_url=None,     # /docs: service.api.routes.docs
+                  redirect_slashes=False,   # Starlette's redirect is built from the Host header: an open redirect
                   telemetry={"operation_spans": False, "tracing": traced, "metrics": False, "logs": False})
     app.state.settings, app.state.metrics = settings, metrics
     install_error_handlers(app)
@@ -114,19 +116,24 @@ async def _load(repository: Repository, metrics: Metrics, poll_s: float) -> None
 
 def serve(settings: Settings) -> None:
     """Run the app with uvicorn (what `stepnet serve` does): httptools and uvloop, the faster
-    parser and loop (docs/performance.md), with the connection limits of service.connections."""
+    parser and loop (docs/performance.md), with the connection limits of service.connections.
+    A port it cannot listen on (taken since `stepnet serve` checked it) is a UserError: one line."""
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
 
-    from service.connections import ConnectionLimits, guarded_protocol
+    from service.connections import guarded_protocol
+    from service.core.budget import ConnectionBudget
 
     observability.configure(settings.log_level, settings.log_format)   # before uvicorn's first line
     app = create_app(settings)
-    limits = ConnectionLimits(settings.max_header_bytes, settings.header_timeout_s, settings.max_connections)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port,
+    limits = ConnectionBudget.of(settings)
+    failures: list[Exception] = []
+    config = uvicorn.Config(_start_up_failures(app, failures), host=settings.host, port=settings.port,
                             http=guarded_protocol(limits, app.state.metrics), loop="uvloop",
                             ws="none",          # no WebSocket routes: upgrade requests are not taken
                             log_level=settings.log_level, log_config=None,   # ours: observability
                             access_log=False,   # the service's own (service.observability), with durations
+                            timeout_keep_alive=math.ceil(settings.idle_timeout_s),
                             timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s))
 
     class Server(uvicorn.Server):
@@ -137,7 +144,41 @@ def serve(settings: Settings) -> None:
                 grpc_server.stop_soon()
             super().handle_exit(sig, frame)
 
-    Server(config).run()
+    try:
+        Server(config).run()
+    except SystemExit as exc:   # uvicorn's exit when the lifespan's start-up fails or HTTP cannot listen
+        if exc.code != STARTUP_FAILURE or (failures and not isinstance(failures[0], OSError)):
+            raise
+        raise UserError(str(failures[0]) if failures else f"cannot listen on {settings.host}:{settings.port} "
+                                                           f"(STEPNET_PORT): the error above says why") from None
+
+
+def _start_up_failures(app: FastAPI, failures: list[Exception]):
+    """The ASGI app, with what fails its lifespan's start-up kept in `failures`: an OSError (gRPC
+    cannot listen) becomes serve()'s one line, anything else is logged with its traceback.
+    Starlette would pass the traceback to uvicorn to log, either way."""
+    async def asgi(scope, receive, send):
+        if scope["type"] != "lifespan":
+            return await app(scope, receive, send)
+
+        start_up_failed = False
+
+        async def send_without_traceback(message) -> None:
+            nonlocal start_up_failed
+            if message["type"] == "lifespan.startup.failed":
+                start_up_failed, message = True, {**message, "message": ""}
+            await send(message)
+
+        try:
+            await app(scope, receive, send_without_traceback)
+        except Exception as exc:
+            if start_up_failed:
+                failures.append(exc)
+                if not isinstance(exc, OSError):
+                    log.exception("start-up failed")
+            raise
+
+    return asgi
 
 
 app = create_app()

@@ -19,21 +19,23 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from service.api.deps import check_admin, deadline, leased
+from service.core.budget import ConnectionBudget
 from service.core.config import Settings
-from service.errors import BadRequest, ClientDisconnected, ServiceError
+from service.core.dataplane import check_admin, deadline, leased, resolve
+from service.errors import BadRequest, ClientDeadline, ClientDisconnected, ServiceError
 from service.metrics import PROTOCOL, Metrics
 from service import tracing
 from service.observability import HEADER, MODEL, REQUEST_ID, log_access, request_id
-from service.protocol import codec
+from service.protocol import codec, grpc_connections
 from service.protocol.repository import index_entries, load_model, unload_model
 from service.protocol.schemas import InferRequest
 from service.repository import Repository
@@ -43,7 +45,7 @@ from stepnet.repository import VersionState, parse_version
 log = logging.getLogger(__name__)
 
 SERVICE = "inference.GRPCInferenceService"
-HEALTH_PERIOD_S = 0.5
+HEALTH_PERIOD_S = 0.05       # how soon a Watch stream hears of a change of /readyz
 # HTTP status of a ServiceError -> gRPC status; a client's mistake is never UNKNOWN or INTERNAL
 STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT, 415: grpc.StatusCode.INVALID_ARGUMENT,
@@ -53,6 +55,14 @@ STATUS_CODES = {
     499: grpc.StatusCode.CANCELLED, 500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+
+
+def status_code(error: ServiceError) -> grpc.StatusCode:
+    """The gRPC status of a ServiceError: its HTTP status's, except that a client whose own
+    deadline passed (499 in the metrics) hears DEADLINE_EXCEEDED, as gRPC clients expect."""
+    if isinstance(error, ClientDeadline):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return STATUS_CODES.get(error.status, grpc.StatusCode.INTERNAL)
 
 
 def _trailers(error: ServiceError) -> tuple[tuple[str, str], ...]:
@@ -72,18 +82,24 @@ def rpc(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
         started, status = time.perf_counter(), 200
         self.metrics.in_flight.inc()
         token = PROTOCOL.set("grpc")
-        metadata = dict(context.invocation_metadata() or ())
+        metadata = first_values(context.invocation_metadata() or ())
         rid = request_id(metadata.get(HEADER))
         rid_token = REQUEST_ID.set(rid)
         context.set_trailing_metadata(((HEADER, rid),))
         spans = contextlib.ExitStack()
         span = spans.enter_context(tracing.server_span(name, metadata)) if tracing.enabled() else None
         try:
+            if isinstance(request, Malformed):
+                raise BadRequest(f"the {name} request is not a valid protobuf message: {request.reason}")
             return await method(self, request, context)
         except ServiceError as error:
             status = error.status
+            remaining = context.time_remaining()
+            if isinstance(error, ClientDisconnected) and remaining is not None and remaining <= 0:
+                # the client's deadline passed: grpc core answers it; a status sent now would fail
+                raise asyncio.CancelledError from None
             context.set_trailing_metadata(((HEADER, rid), *_trailers(error)))
-            await context.abort(STATUS_CODES.get(error.status, grpc.StatusCode.INTERNAL), error.message)
+            await context.abort(status_code(error), error.message)
         except asyncio.CancelledError:
             status = ClientDisconnected.status
             raise
@@ -106,6 +122,50 @@ def rpc(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
             REQUEST_ID.reset(rid_token)
 
     return handler
+
+
+def first_values(metadata: Iterable[tuple[str, str | bytes]]) -> dict[str, str | bytes]:
+    """Metadata as a dict that keeps a key's first value, as REST does with a repeated header."""
+    out: dict[str, str | bytes] = {}
+    for key, value in metadata:
+        out.setdefault(key, value)
+    return out
+
+
+class Malformed:
+    """What a request that does not parse becomes: rpc() answers it INVALID_ARGUMENT, counted as
+    a 400, where grpc's own deserializer failure is UNKNOWN and goes uncounted."""
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+def _lenient(parse: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    def deserialize(data: bytes) -> object:
+        try:
+            return parse(data)
+        except (DecodeError, ValueError) as exc:
+            return Malformed(str(exc)[:200] or type(exc).__name__)
+    return deserialize
+
+
+def add_servicer(add_to_server: Callable, servicer: object, server: grpc.aio.Server) -> None:
+    """The generated add_*_to_server, with every request deserializer made lenient (Malformed)."""
+
+    class Capture:
+        """Takes the method handlers the generated code registers, and registers lenient ones."""
+
+        def add_generic_rpc_handlers(self, handlers: Sequence) -> None:
+            pass        # the same methods come to add_registered_method_handlers
+
+        def add_registered_method_handlers(self, service: str, methods: dict) -> None:
+            methods = {name: method._replace(request_deserializer=_lenient(method.request_deserializer))
+                       for name, method in methods.items()}
+            server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, methods),))
+            server.add_registered_method_handlers(service, methods)
+
+    add_to_server(servicer, Capture())
 
 
 def _value(parameter) -> object:
@@ -149,7 +209,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ModelReady(self, request, context):
-        state = self.repository.resolve(_model_name(request.name), _version(request.version))
+        state = resolve(self.repository, _model_name(request.name), _version(request.version))
         return pb.ModelReadyResponse(ready=state.state is VersionState.READY)
 
     @rpc
@@ -159,7 +219,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def ModelMetadata(self, request, context):
         version = _version(request.version)
-        with leased(self.repository, _model_name(request.name), None if version is None else str(version)) as served:
+        with leased(self.repository, _model_name(request.name), version) as served:
             meta = codec.model_metadata(served.meta, self.repository.versions(served.name))
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
@@ -172,11 +232,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def ModelInfer(self, request, context):
         name, version = _model_name(request.model_name), _version(request.model_version)
-        seconds = self.settings.request_timeout_s
-        if context.time_remaining() is not None:
-            seconds = min(seconds, max(0.0, context.time_remaining()))
-        with leased(self.repository, name, None if version is None else str(version)) as served:
-            async with deadline(seconds) as work:
+        remaining = context.time_remaining()
+        with leased(self.repository, name, version) as served:
+            async with deadline(self.settings.request_timeout_s,
+                                None if remaining is None else max(0.0, remaining)) as work:
                 work.received()                      # gRPC hands over whole messages
                 decoded = await asyncio.to_thread(_decode, request, served.meta,
                                                   served.max_request_rows)
@@ -210,7 +269,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     def _admin(self, context: grpc.aio.ServicerContext) -> None:
-        metadata = dict(context.invocation_metadata() or ())
+        metadata = first_values(context.invocation_metadata() or ())
         check_admin(self.settings, metadata.get("authorization"))
 
 
@@ -263,38 +322,99 @@ def _encode(decoded: codec.Decoded, meta, results) -> pb.ModelInferResponse:
 
 # -------------------------------------------------------------------- the server
 
-class _Health(health.aio.HealthServicer):
-    """grpc.health.v1 with its statuses brought up to date before every Check (a Kubernetes
-    probe sees what /readyz says now); Watch streams get the changes the server's loop sets."""
+class Health(health_pb2_grpc.HealthServicer):
+    """grpc.health.v1: SERVING for the server ("") and the inference service while /readyz says
+    ready, NOT_SERVING otherwise; any other service is NOT_FOUND (Check) or SERVICE_UNKNOWN (Watch).
 
-    def __init__(self, refresh: Callable[[], Awaitable[None]]):
-        super().__init__()
-        self._refresh = refresh
+    Check reads readiness live (a Kubernetes probe sees what /readyz says now). Watch streams
+    never finish by themselves, so they are bounded (the budget's health_watches; beyond it
+    RESOURCE_EXHAUSTED) and are not calls in flight: when shutdown starts each is sent
+    NOT_SERVING and ends at once, rather than holding the drain for STEPNET_SHUTDOWN_TIMEOUT_S."""
+
+    SERVICES = ("", SERVICE)
+
+    def __init__(self, ready: Callable[[], bool], max_watches: int):
+        self._ready, self._max_watches = ready, max_watches
+        self._serving = False
+        self._closing = False
+        self._watches: set[asyncio.Event] = set()
+
+    def status(self, service: str) -> int:
+        if service not in self.SERVICES:
+            return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        return (health_pb2.HealthCheckResponse.SERVING if self._serving and not self._closing
+                else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def refresh(self) -> None:
+        """Bring the status up to date with readiness; wake the Watch streams if it changed."""
+        serving = self._ready()
+        if serving != self._serving:
+            self._serving = serving
+            self._wake()
+
+    def close(self) -> None:
+        """Shutdown: NOT_SERVING from now on, and every Watch stream ends."""
+        self._closing = True
+        self._wake()
+
+    def _wake(self) -> None:
+        for changed in self._watches:
+            changed.set()
 
     async def Check(self, request, context):
-        await self._refresh()
-        return await super().Check(request, context)
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a HealthCheckRequest: {request.reason}")
+        self.refresh()
+        status = self.status(request.service)
+        if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no service {request.service[:100]!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request, context):
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a HealthCheckRequest: {request.reason}")
+        if len(self._watches) >= self._max_watches:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"{self._max_watches} health Watch streams are open already; use Check")
+        self.refresh()                  # the first answer is what /readyz says now
+        changed = asyncio.Event()
+        self._watches.add(changed)
+        try:
+            sent = None
+            while True:
+                changed.clear()
+                status = self.status(request.service)
+                if status != sent:
+                    await context.write(health_pb2.HealthCheckResponse(status=status))
+                    sent = status
+                if self._closing:
+                    return
+                await changed.wait()
+        finally:
+            self._watches.discard(changed)
 
 
 class GrpcServer:
     """The grpc.aio server of one app: started in its lifespan, stopped on SIGTERM (stepnet
-    serve) or at the end of the lifespan, whichever comes first; stop() is idempotent."""
+    serve) or at the end of the lifespan, whichever comes first; stop() is idempotent. Its
+    connection limits are the connection budget's (service.core.budget), which HTTP shares."""
 
     def __init__(self, repository: Repository, settings: Settings, metrics: Metrics):
         limit = settings.grpc_max_message_bytes or settings.max_upload_bytes
+        budget = ConnectionBudget.of(settings)
         self.settings = settings
-        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                               ("grpc.max_send_message_length", -1),
-                                               ("grpc.so_reuseport", 0)])
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(repository, settings, metrics), self.server)
-        self.health = _Health(self._set_health)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.repository = repository
+        self.server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", -1),
+                     ("grpc.so_reuseport", 0), *budget.grpc_options()],
+            maximum_concurrent_rpcs=budget.grpc_rpcs)
+        add_servicer(pb_grpc.add_GRPCInferenceServiceServicer_to_server,
+                     InferenceServicer(repository, settings, metrics), self.server)
+        self.health = Health(lambda: repository.ready, budget.health_watches)
+        add_servicer(health_pb2_grpc.add_HealthServicer_to_server, self.health, self.server)
+        metrics.watch(grpc_connections.ConnectionCollector(budget.grpc_connections))
         self._stopping: asyncio.Task | None = None
         self._watch: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._health_status = None
 
     async def start(self) -> None:
         address = f"{self.settings.host}:{self.settings.grpc_port}"
@@ -308,19 +428,10 @@ class GrpcServer:
         log.info("gRPC (Open Inference Protocol, grpc.health.v1) on %s", address)
 
     async def _track_readiness(self) -> None:
-        """grpc.health.v1 says SERVING for the server ("") and the inference service while
-        /readyz would say ready, NOT_SERVING otherwise."""
+        """Watch streams hear of a change of readiness within HEALTH_PERIOD_S."""
         while True:
-            await self._set_health()
+            self.health.refresh()
             await asyncio.sleep(HEALTH_PERIOD_S)
-
-    async def _set_health(self) -> None:
-        status = (health_pb2.HealthCheckResponse.SERVING if self.repository.ready
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
-        if status != self._health_status and self._stopping is None:
-            for service in ("", SERVICE):
-                await self.health.set(service, status)
-            self._health_status = status
 
     def stop_soon(self) -> None:
         """stop(), from a signal handler or another thread."""
@@ -328,7 +439,8 @@ class GrpcServer:
             self._loop.call_soon_threadsafe(self.stop)
 
     def stop(self) -> asyncio.Task:
-        """Stop accepting calls; those in flight get up to STEPNET_SHUTDOWN_TIMEOUT_S to finish."""
+        """Stop accepting calls; those in flight get up to STEPNET_SHUTDOWN_TIMEOUT_S to finish,
+        Watch streams none."""
         if self._stopping is None:
             self._stopping = asyncio.get_running_loop().create_task(self._stop(), name="grpc-stop")
         return self._stopping
@@ -336,5 +448,5 @@ class GrpcServer:
     async def _stop(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
-        await self.health.enter_graceful_shutdown()
+        self.health.close()
         await self.server.stop(self.settings.shutdown_timeout_s)

@@ -40,27 +40,34 @@ class ModelMetadataResponse(BaseModel):
     outputs: list[TensorMetadata]
 
 
+# Bounds on what a request may name, so that an error never echoes an unbounded field
+MAX_NAME = 64           # input and output names (the model's are a few characters)
+MAX_RANK = 8            # dimensions of an input tensor (the model takes 4)
+MAX_TENSORS = 16        # inputs or outputs named in one request
+MAX_ID = 256            # the request's id, which the response echoes
+
+
 class RequestInput(BaseModel):
-    name: str
-    shape: list[Annotated[StrictInt, Field(ge=0)]]
-    datatype: str
+    name: str = Field(max_length=MAX_NAME)
+    shape: list[Annotated[StrictInt, Field(ge=0)]] = Field(max_length=MAX_RANK)
+    datatype: str = Field(max_length=MAX_NAME)
     parameters: dict[str, Any] = Field(default_factory=dict,
                                        description="binary_data_size: the tensor follows the JSON as binary data")
     data: list[Any] | None = Field(None, description="row-major, flat or nested; BYTES elements: base64 strings")
 
 
 class RequestOutput(BaseModel):
-    name: str
+    name: str = Field(max_length=MAX_NAME)
     parameters: dict[str, Any] = Field(default_factory=dict,
                                        description="binary_data: true returns the tensor as binary data")
 
 
 class InferRequest(BaseModel):
-    id: str | None = None
+    id: str | None = Field(None, max_length=MAX_ID)
     parameters: dict[str, Any] = Field(default_factory=dict,
                                        description="binary_data_output: default of every output's binary_data")
-    inputs: list[RequestInput] = Field(min_length=1)
-    outputs: list[RequestOutput] | None = Field(None, description="default: every output")
+    inputs: list[RequestInput] = Field(min_length=1, max_length=MAX_TENSORS)
+    outputs: list[RequestOutput] | None = Field(None, max_length=MAX_TENSORS, description="default: every output")
 
 
 class ResponseOutput(BaseModel):

@@ -8,7 +8,8 @@ import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 from pydantic_core import to_json
 
-from service.api.deps import ServedModelDep, SettingsDep, deadline
+from service.api.deps import ServedModelDep, SettingsDep
+from service.core.dataplane import deadline
 from service.api.upload import REQUEST_BODY, read_image
 from service.errors import (BadRequest, BodyTimeout, EmptyBody, ImageTooLarge, InferenceFailed,
                             InvalidImage, InvalidParameter, MissingFile, ModelNotFound, NotReady,

@@ -11,8 +11,9 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from service.api.deps import (LatestDep, ModelName, ModelVersion, RepositoryDep, SettingsDep,
-                              StartingRepositoryDep, VersionedDep, deadline)
+                              StartingRepositoryDep, VersionedDep)
 from service.api.upload import check_media_type, read_body
+from service.core.dataplane import deadline, resolve
 from service.errors import (BadRequest, BodyTimeout, EmptyBody, ImageTooLarge, InferenceFailed,
                             InvalidImage, ModelNotFound, NotReady, Overloaded, PayloadTooLarge,
                             ProtocolErrorResponse, RequestTimeout, ShuttingDown,
@@ -74,7 +75,7 @@ async def model_version(served: VersionedDep, repository: RepositoryDep) -> Mode
 
 
 def _ready(repository: Repository, name: str, version: int | None) -> JSONResponse:
-    state = repository.resolve(name, version)
+    state = resolve(repository, name, version)
     body = ModelReady(name=name, version=str(state.version), ready=state.state is VersionState.READY)
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 400)
 
