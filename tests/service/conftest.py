@@ -5,6 +5,7 @@ it; tests that need other settings start their own with `start_server`. The repo
 serve is a temporary copy of the committed default model (and a second copy under another name).
 """
 
+import hashlib
 import io
 import json
 import os
@@ -106,6 +107,14 @@ def copy_version(source: Path, repository: Path, name: str, version: int, folder
     meta.update(name=name, version=version)
     (target / "model.json").write_text(json.dumps(meta))
     return target
+
+
+def replace_graph(folder: Path, graph: bytes) -> None:
+    """Replace a version's model.onnx, recording its size and sha256 in model.json."""
+    (folder / "model.onnx").write_bytes(graph)
+    meta = json.loads((folder / "model.json").read_text())
+    meta["files"]["model.onnx"] = {"sha256": hashlib.sha256(graph).hexdigest(), "bytes": len(graph)}
+    (folder / "model.json").write_text(json.dumps(meta))
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,6 @@ pre-processed input with a value of 1000 (a v2 FP32 tensor) is out of its bounds
 model's embedding lookup fails on a token ID past its table."""
 
 import asyncio
-import hashlib
-import json
 import random
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +22,7 @@ from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
 from service.errors import InferenceFailed
+from tests.service.conftest import replace_graph
 
 pytestmark = pytest.mark.timeout(120)
 MODEL = "poisoned"
@@ -48,11 +47,7 @@ def _add_gather(folder) -> None:
         helper.make_node("Unsqueeze", ["row_zero", "column_axis"], ["column_zero"]),       # (B, 1)
         helper.make_node("Add", ["logits_raw", "column_zero"], ["logits"])])               # (B, K)
     onnx.checker.check_model(proto)
-    data = proto.SerializeToString()
-    (folder / "model.onnx").write_bytes(data)
-    meta = json.loads((folder / "model.json").read_text())
-    meta["files"]["model.onnx"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-    (folder / "model.json").write_text(json.dumps(meta))
+    replace_graph(folder, proto.SerializeToString())
 
 
 @pytest.fixture(scope="module")

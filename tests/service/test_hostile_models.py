@@ -14,10 +14,7 @@ refused with a reason, costs a bounded amount of memory and time, and holds back
 """
 
 import asyncio
-import hashlib
-import json
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -26,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.service.conftest import ROOT, copy_version
+from tests.service.conftest import ROOT, copy_version, replace_graph
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -63,14 +60,6 @@ def peak_rss_mb(server) -> float:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     raise AssertionError("no VmHWM")
-
-
-def with_graph(folder: Path, graph: bytes) -> None:
-    """Replace a version's model.onnx, recording its size and sha256 in model.json."""
-    (folder / "model.onnx").write_bytes(graph)
-    meta = json.loads((folder / "model.json").read_text())
-    meta["files"]["model.onnx"] = {"sha256": hashlib.sha256(graph).hexdigest(), "bytes": len(graph)}
-    (folder / "model.json").write_text(json.dumps(meta))
 
 
 # ---------------------------------------------------------------- item 5: sizes before reading
@@ -271,7 +260,7 @@ def hostile(start_server, tmp_path_factory, default_model, publish_version):
     publish_version(default_model, root, MODEL, 1)
     # its bias is the first 40 bytes of pyproject.toml, in the server's working directory
     publish_version(default_model, root, "external", 1,
-                    alter=lambda folder: with_graph(folder, external_graph(default_model, "pyproject.toml")))
+                    alter=lambda folder: replace_graph(folder, external_graph(default_model, "pyproject.toml")))
     publish_version(default_model, root, "stringly", 1)
     (root / "stringly" / "serving.json").write_text('{"max_batch_size": "8"}')
     outside = copy_version(default_model, root.parent / "elsewhere", "linked-out", 1)
