@@ -16,10 +16,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service import observability, tracing
+from service.api.errors import install_error_handlers
 from service.api.routes import (docs, health, metrics as metrics_route, models, page, predict,
                                 repository as repository_route, stiffness, v2)
 from service.core.config import Settings
-from service.errors import install_error_handlers
 from service.metrics import GpuCollector, Metrics, RequestMetricsMiddleware, StateCollector
 from service.observability import RequestIdMiddleware
 from service.preprocess import return_memory_to_the_os

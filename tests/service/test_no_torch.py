@@ -43,3 +43,42 @@ def test_the_app_serves_without_importing_torch_models_or_export(repository, dig
 def test_the_running_stepnet_serve_process_has_no_torch_loaded(server):
     maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
     assert "libtorch" not in maps and "/torch/" not in maps
+
+
+LAYERS = """
+import importlib, pkgutil, sys
+
+WEB, RPC = ("fastapi", "starlette", "uvicorn"), ("grpc",)
+REST = ("service.api", "service.main", "service.connections")   # REST, the app, its connections
+GRPC = ("service.protocol.grpc_",)
+
+class Block:
+    blocked = WEB + RPC
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in self.blocked:
+            raise ImportError(f"imports {name}")
+
+block = Block()
+sys.meta_path.insert(0, block)
+import service
+names = [m.name for m in pkgutil.walk_packages(service.__path__, "service.") if not m.name.startswith(REST)]
+problems = []
+# the domain first, while neither framework is loaded; then gRPC, with the web framework blocked
+# (a gRPC module that imports the REST layer imports FastAPI)
+for name in sorted(names, key=lambda name: name.startswith(GRPC)):
+    if name.startswith(GRPC):
+        block.blocked = WEB
+    try:
+        importlib.import_module(name)
+    except ImportError as exc:
+        problems.append(f"{name}: {exc}")
+print("\\n".join(problems))
+sys.exit(1 if problems else 0)
+"""
+
+
+def test_the_data_plane_imports_neither_fastapi_nor_grpc():
+    """DESIGN 2.4: errors, the repository, the batcher, the data plane and the rest of the domain
+    import without FastAPI, Starlette, uvicorn or grpc; the gRPC server imports nothing of REST."""
+    result = subprocess.run([sys.executable, "-c", LAYERS], capture_output=True, cwd=ROOT, timeout=100)
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()[-3000:]

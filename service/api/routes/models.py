@@ -3,7 +3,8 @@
 from fastapi import APIRouter
 
 from service.api.deps import RepositoryDep
-from service.errors import NotReady, error_responses
+from service.api.errors import error_responses
+from service.errors import NotReady
 from service.schemas import InstanceInfo, ModelsResponse, ModelVersionInfo, ServingInfo
 from service.served import ServedModel
 from service.serving_config import ServingConfig

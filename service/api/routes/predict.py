@@ -9,12 +9,12 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic_core import to_json
 
 from service.api.deps import ServedModelDep, SettingsDep
-from service.core.dataplane import deadline
+from service.api.errors import error_responses
 from service.api.upload import REQUEST_BODY, read_image
-from service.errors import (BadRequest, BodyTimeout, EmptyBody, ImageTooLarge, InferenceFailed,
-                            InvalidImage, InvalidParameter, MissingFile, ModelNotFound, NotReady,
-                            Overloaded, PayloadTooLarge, RequestTimeout, ShuttingDown,
-                            UnsupportedMediaType, VersionNotFound, error_responses)
+from service.core.dataplane import deadline
+from service.errors import (BadRequest, BodyTimeout, EmptyBody, ImageTooLarge, InferenceFailed, InvalidImage,
+                            InvalidParameter, MissingFile, ModelNotFound, NotReady, Overloaded, PayloadTooLarge,
+                            RequestTimeout, ShuttingDown, UnsupportedMediaType, VersionNotFound)
 from service.metadata import Layer
 from service.postprocess import softmax
 from service.schemas import PredictResponse

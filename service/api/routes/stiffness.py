@@ -5,8 +5,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from service.api.deps import ServedModelDep, SettingsDep
-from service.errors import (InvalidParameter, ModelNotFound, NotReady, VersionNotFound,
-                            error_responses)
+from service.api.errors import error_responses
+from service.errors import InvalidParameter, ModelNotFound, NotReady, VersionNotFound
 from service.schemas import StiffnessResponse
 from service.stiffness import DEFAULT_WINDOW
 

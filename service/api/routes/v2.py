@@ -13,11 +13,11 @@ from fastapi.responses import JSONResponse
 from service.api.deps import (LatestDep, ModelName, ModelVersion, RepositoryDep, SettingsDep,
                               StartingRepositoryDep, VersionedDep)
 from service.api.upload import check_media_type, read_body
+from service.api.errors import ProtocolErrorResponse, protocol_error_responses
 from service.core.dataplane import deadline, resolve
-from service.errors import (BadRequest, BodyTimeout, EmptyBody, ImageTooLarge, InferenceFailed,
-                            InvalidImage, ModelNotFound, NotReady, Overloaded, PayloadTooLarge,
-                            ProtocolErrorResponse, RequestTimeout, ShuttingDown,
-                            UnsupportedMediaType, VersionNotFound, protocol_error_responses)
+from service.errors import (BadRequest, BodyTimeout, EmptyBody, ImageTooLarge, InferenceFailed, InvalidImage,
+                            ModelNotFound, NotReady, Overloaded, PayloadTooLarge, RequestTimeout, ShuttingDown,
+                            UnsupportedMediaType, VersionNotFound)
 from service.protocol.codec import (EXTENSIONS, HEADER_LENGTH, decode_request, encode_response,
                                     model_metadata)
 from service.protocol.schemas import (InferRequest, InferResponse, Live, ModelMetadataResponse,
