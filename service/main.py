@@ -12,6 +12,7 @@ import asyncio
 import logging
 import math
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -91,21 +92,24 @@ def _document_settings(app: FastAPI, settings: Settings) -> None:
     """Limits that come from settings, written into the OpenAPI schema the first time it is made."""
     make_schema = app.openapi
 
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            schema = make_schema()
-            for parameter in schema["paths"]["/stiffness"]["get"]["parameters"]:
-                if parameter["name"] == "window":
-                    parameter["schema"]["maximum"] = settings.stiffness_history
-        return app.openapi_schema
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = make_schema()             # FastAPI's, which keeps it in app.openapi_schema
+        for parameter in schema["paths"]["/stiffness"]["get"]["parameters"]:
+            if parameter["name"] == "window":
+                parameter["schema"]["maximum"] = settings.stiffness_history
+        return schema
 
-    app.openapi = openapi
+    # FastAPI's documented way to extend the schema; its types declare openapi a plain method
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 async def _load(repository: Repository, metrics: Metrics, poll_s: float) -> None:
     await repository.load_all()
-    if any(served.provider == "CUDAExecutionProvider" for served in repository.served()):
-        metrics.watch(GpuCollector())
+    gpus = sorted({s.gpu for served in repository.served() for s in served.sessions if s.gpu is not None})
+    if gpus:
+        metrics.watch(GpuCollector(gpus))
     if repository.ready:
         log.info("ready: %s", ", ".join(f"{s.name}:{s.version} ({s.provider})" for s in repository.served()))
     else:

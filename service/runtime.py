@@ -95,7 +95,8 @@ class Session:
         self.session = _create(model, device, gpu, intra_op_threads, label)
         self.solo = solo          # the batcher gives it a batch only while no other session runs
         self.provider = self.session.get_providers()[0]
-        self.device = f"cuda:{gpu or 0}" if self.provider == CUDA else "cpu"
+        self.gpu = (gpu or 0) if self.provider == CUDA else None     # the CUDA ordinal it runs on
+        self.device = "cpu" if self.gpu is None else f"cuda:{self.gpu}"
         self.threads = None if self.provider == CUDA else intra_op_threads
         self.output_names = list(output_names)
         inputs = self.session.get_inputs()

@@ -37,18 +37,20 @@ def free_port() -> int:
 class Server:
     """A service process: `stepnet serve` or `python -m uvicorn service.main:app`."""
 
-    def __init__(self, repository: Path, log_path: Path, settings: dict[str, str], cli: bool):
+    def __init__(self, repository: Path, log_path: Path, settings: dict[str, str | None], cli: bool,
+                 launcher: tuple[str, ...] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("STEPNET_")}
-        env.update({"STEPNET_MODEL_REPOSITORY": str(repository), "STEPNET_GRPC_PORT": str(free_port()),
-                    **settings})
+        env.update({"STEPNET_MODEL_REPOSITORY": str(repository), "STEPNET_GRPC_PORT": str(free_port())})
+        env = {k: v for k, v in (env | settings).items() if v is not None}     # None: unset
         self.grpc_port = int(env["STEPNET_GRPC_PORT"])
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         if cli:
-            cmd = [sys.executable, "-m", "stepnet.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+            cmd = [sys.executable, *launcher, "-m", "stepnet.cli", "serve", "--host", "127.0.0.1",
+                   "--port", str(self.port)]
         else:
-            cmd = [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1",
+            cmd = [sys.executable, *launcher, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1",
                    "--port", str(self.port), "--timeout-graceful-shutdown", "20"]
         self.log_path = log_path
         self._log = open(log_path, "wb")
@@ -166,14 +168,17 @@ def single_model_repository(tmp_path_factory, default_model) -> Path:
 
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory):
-    """start_server(repository, cli=False, **settings) -> a ready Server. A setting is
-    STEPNET_<NAME>, except OTEL_* variables, which pass as they are."""
+    """start_server(repository, cli=False, wait=True, launcher=(), environ=None, **settings) -> a
+    ready Server. A setting is STEPNET_<NAME>, except OTEL_* variables, which pass as they are;
+    `environ` sets other variables (None: unset), and `launcher` runs the server's module under
+    a wrapper (python *launcher -m stepnet.cli ...: tests.service.cuda_stand_in)."""
     servers = []
 
-    def start(repository: Path, cli: bool = False, wait: bool = True, **settings) -> Server:
+    def start(repository: Path, cli: bool = False, wait: bool = True, launcher: tuple[str, ...] = (),
+              environ: dict[str, str | None] | None = None, **settings) -> Server:
         log_path = tmp_path_factory.mktemp("server") / "server.log"
         env = {k if k.startswith("OTEL_") else f"STEPNET_{k.upper()}": str(v) for k, v in settings.items()}
-        server = Server(repository, log_path, env, cli)
+        server = Server(repository, log_path, env | (environ or {}), cli, launcher)
         servers.append(server)
         return server.wait_ready() if wait else server
 
