@@ -46,7 +46,9 @@ serve: $(STAMP) | $(DEFAULT_MODEL)/model.json
 bench: $(STAMP) | $(DEFAULT_MODEL)/model.json
 	$(BIN)/stepnet bench $(BENCH_ARGS)
 
+# mypy first ([tool.mypy] in pyproject.toml: stepnet, service, export, models), then every test
 test: $(STAMP)
+	$(BIN)/mypy
 	@$(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
@@ -67,4 +69,4 @@ screenshot: $(STAMP) | $(DEFAULT_MODEL)/model.json
 	$(BIN)/python docs/screenshot.py docs/page.png
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache

@@ -12,13 +12,14 @@ Nothing is left for ONNX BatchNormalization; graph.py checks that.
 """
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from export.steps import FusedStep
-from models.net import BottleneckBranch, StepNet
+from models.net import StepNet
 
 
 class ChannelAffine(nn.Module):
@@ -26,6 +27,7 @@ class ChannelAffine(nn.Module):
 
     def __init__(self, bn: nn.BatchNorm2d):
         super().__init__()
+        assert bn.running_var is not None and bn.running_mean is not None, "BatchNorm2d without running statistics"
         scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
         shift = bn.bias.detach() - bn.running_mean * scale
         self.register_buffer("scale", scale.reshape(-1, 1, 1).clone())   # (C, 1, 1)
@@ -37,7 +39,7 @@ class ChannelAffine(nn.Module):
 
 def export_form(model: StepNet) -> StepNet:
     """A folded copy of `model` (which is left untouched), in eval mode."""
-    form = copy.deepcopy(model).eval()
+    form: Any = copy.deepcopy(model).eval()    # Any: modules are replaced by ones of other types
     if form.cfg.imagenet_style:
         form.stem[0] = fuse_conv_bn_eval(form.stem[0], form.stem[1])
         form.stem[1] = nn.Identity()
@@ -47,7 +49,7 @@ def export_form(model: StepNet) -> StepNet:
             branch.bn1 = ChannelAffine(branch.bn1)
             branch.conv1 = fuse_conv_bn_eval(branch.conv1, branch.bn2)
             branch.bn2 = nn.Identity()
-            if isinstance(branch, BottleneckBranch):
+            if hasattr(branch, "bn3"):                 # a bottleneck: bn3 follows conv2
                 branch.conv2 = fuse_conv_bn_eval(branch.conv2, branch.bn3)
                 branch.bn3 = nn.Identity()
             block.step = FusedStep(block)

@@ -24,7 +24,7 @@ def build(*, name: str, version: int, model_cfg: dict, data: dict, layers: list[
     """The metadata of one model version, without "files" (the repository adds those). Raises
     pydantic's ValidationError if it would not be readable."""
     size = model_cfg["input_size"]
-    return ModelMetadata(
+    return ModelMetadata.model_validate(dict(
         name=name, version=version, family=model_cfg["family"], depth=model_cfg["depth"],
         classes=list(data["classes"]),
         input={"name": INPUT, "shape": [model_cfg["in_channels"], size, size], "dtype": "float32"},
@@ -35,4 +35,4 @@ def build(*, name: str, version: int, model_cfg: dict, data: dict, layers: list[
         layers=[dict(row) for row in layers], outputs={name: name for name in OUTPUTS},
         profile=profile, checkpoint_sha256=checkpoint_sha256, exporter_version=exporter_version(),
         toolchain=toolchain(), opset=opset, accuracy=accuracy, verification=verification,
-        variants=variants)
+        variants=variants))

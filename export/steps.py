@@ -83,7 +83,7 @@ KINDS = tuple(StepKind(a, first) for a in ADAPTORS for first in (True, False))
 
 def kind_of(block: net.Block) -> StepKind:
     adaptor = type(block.step.adaptor)
-    if ADAPTORS.get(getattr(adaptor, "op_name", None)) is not adaptor:
+    if ADAPTORS.get(getattr(adaptor, "op_name", "")) is not adaptor:
         raise TypeError(f"no fused step for adaptor {adaptor.__name__}")
     return StepKind(adaptor.op_name, block.first)
 
@@ -176,6 +176,7 @@ def function_proto(kind: StepKind, opset: int) -> onnx.FunctionProto:
     program = torch.onnx.export(StepKernel(kind).eval(), example, dynamo=True, opset_version=opset,
                                 input_names=list(kind.inputs), output_names=list(OUTPUTS),
                                 dynamic_shapes=(dynamic,), verbose=False)   # (*tensors,)
+    assert program is not None      # dynamo=True returns the program
     graph = program.model_proto.graph
     constants = [onnx.helper.make_node("Constant", [], [t.name], value=t) for t in graph.initializer]
     foreign = {n.domain for n in graph.node} - {""}

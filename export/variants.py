@@ -27,7 +27,7 @@ import contextlib
 import logging
 import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata as package_metadata
 from pathlib import Path
@@ -181,7 +181,7 @@ def settings(variant: str, calibration: dict | None = None) -> dict:
             "calibration": calibration}
 
 
-def compare(outputs: tuple[np.ndarray, ...], fp32_outputs: tuple[np.ndarray, ...]) -> dict:
+def compare(outputs: Sequence[np.ndarray], fp32_outputs: Sequence[np.ndarray]) -> dict:
     """How far a variant's (logits, step_size, nsi) lie from the fp32 graph's on the same images."""
     logits, step_size, nsi = outputs[:3]
     return {"top1_agreement": float((logits.argmax(1) == fp32_outputs[0].argmax(1)).mean()),

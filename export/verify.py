@@ -50,7 +50,7 @@ def _batch_sizes(n: int) -> list[int]:
 
 
 def structure(proto: onnx.ModelProto, classes: int, layers: int) -> dict:
-    report = {"checker": "passed", "shape_inference": "passed", "output_shapes": None}
+    report: dict[str, object] = {"checker": "passed", "shape_inference": "passed", "output_shapes": None}
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:

@@ -2,6 +2,7 @@
 
 import os
 from pathlib import Path
+from typing import Literal
 
 DATASET_HELP = ("digits (embedded, default) | fashion-mnist (after `stepnet data fashion-mnist`) | cifar10 | "
                 "cifar100 | imagefolder")
@@ -28,7 +29,7 @@ def _train_config(args):
                        force=args.force, progress=not args.quiet)
 
 
-def _ink_margin(text: str) -> float | None | str:
+def _ink_margin(text: str) -> float | None | Literal["auto"]:
     """--ink-normalization: auto | off | a margin."""
     from stepnet.errors import UserError
 

@@ -7,11 +7,12 @@ preprocessing the service repeats with Pillow (resize, crop, normalize) is the o
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision import datasets as tv_datasets
 from torchvision.transforms import v2
 
@@ -197,8 +198,14 @@ class _Transformed(Dataset):
         return self.transform(image), label
 
 
+# A map-style data set that knows its length (torch's Dataset declares no __len__): what load()
+# returns, or a Subset of it
+SizedDataset = DigitsDataset | _Transformed | Subset
+
+
 def load(name: str, split: str, data_dir: str | Path | None = None, augment: bool = False,
-         input_size: int | None = None, ink_margin: float | None | str = "auto") -> tuple[Dataset, DataInfo]:
+         input_size: int | None = None,
+         ink_margin: float | None | Literal["auto"] = "auto") -> tuple[SizedDataset, DataInfo]:
     """The dataset `name` ("train" or "test" split) with its transforms, and its DataInfo.
     ink_margin: "auto" is the data set's own (digits: DIGITS_INK_MARGIN; others: none), a number
     turns ink normalization on with that margin (digits only), None turns it off."""

@@ -133,7 +133,12 @@ class GlooSyncBatchNorm(nn.BatchNorm2d):
     in a process group of their own: DDP's gradient buckets are all-reduced from another thread
     during the same backward pass, and gloo pairs the collectives of one group by their order."""
 
-    group = None          # set by sync_batchnorm
+    group: dist.ProcessGroup | None = None          # set by sync_batchnorm
+    # _replace_bn copies them from a BatchNorm2d that tracks running statistics:
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    num_batches_tracked: torch.Tensor
+    momentum: float
 
     def forward(self, x):
         if not self.training:
@@ -161,7 +166,9 @@ def sync_batchnorm(model: nn.Module, ctx: Context) -> nn.Module:
     """--sync-bn: torch's SyncBatchNorm on GPUs, GlooSyncBatchNorm on CPUs."""
     if ctx.device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    GlooSyncBatchNorm.group = dist.new_group(backend="gloo")
+    group = dist.new_group(backend="gloo")
+    assert isinstance(group, dist.ProcessGroup)       # every rank is a member
+    GlooSyncBatchNorm.group = group
     return _replace_bn(model)
 
 

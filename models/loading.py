@@ -13,6 +13,7 @@ augmented the same, in every step.
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
+from models.data import SizedDataset
 from models.distributed import Context, usable_cores
 
 
@@ -20,7 +21,7 @@ class SeededAugmentation(Dataset):
     """Item `epoch * N + i` is item i of `dataset` with its random transforms seeded by
     (seed, epoch, i). The caller's RNG state is left as it was."""
 
-    def __init__(self, dataset: Dataset, seed: int):
+    def __init__(self, dataset: SizedDataset, seed: int):
         self.dataset, self.seed, self.n = dataset, seed, len(dataset)
 
     def __len__(self):
@@ -39,8 +40,10 @@ class EpochShard(Sampler):
 
     def __init__(self, n: int, ctx: Context, seed: int, batch_size: int):
         self.n, self.batch_size = n, batch_size
-        self.sampler = DistributedSampler(range(n), num_replicas=ctx.world_size, rank=ctx.rank,
-                                          shuffle=True, seed=seed, drop_last=True)
+        # DistributedSampler takes only the len() of its data set, which torch types as a Dataset
+        self.sampler: DistributedSampler[int] = DistributedSampler(
+            range(n), num_replicas=ctx.world_size, rank=ctx.rank,  # type: ignore[arg-type]
+            shuffle=True, seed=seed, drop_last=True)
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
@@ -74,13 +77,13 @@ def _loader_options(ctx: Context, workers: int) -> dict:
     return options
 
 
-def train_loader(dataset: Dataset, ctx: Context, seed: int, batch_size: int, workers: int) -> DataLoader:
+def train_loader(dataset: SizedDataset, ctx: Context, seed: int, batch_size: int, workers: int) -> DataLoader:
     sampler = EpochShard(len(dataset), ctx, seed, batch_size)
     return DataLoader(SeededAugmentation(dataset, seed), batch_size=batch_size, sampler=sampler,
                       drop_last=True, **_loader_options(ctx, workers))
 
 
-def eval_loader(dataset: Dataset, ctx: Context, batch_size: int, workers: int) -> DataLoader:
+def eval_loader(dataset: SizedDataset, ctx: Context, batch_size: int, workers: int) -> DataLoader:
     """This process's share of the evaluation set: items rank, rank + N, ...; no padding, so the
     counts summed over processes are exact."""
     shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))

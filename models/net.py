@@ -12,7 +12,7 @@ because a post-activation block applies a ReLU after the sum and so is not an Eu
 """
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +22,11 @@ from models import stiffness
 
 FAMILIES = ("resnet", "se", "stepnet")
 # depth -> (block kind, blocks per stage); CIFAR style (32x32, 3 stages) and ImageNet style (4 stages)
-CIFAR_DEPTHS = {20: ("basic", 3), 56: ("basic", 9), 110: ("basic", 18), 164: ("bottleneck", 18)}
-IMAGENET_DEPTHS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
-                   50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3))}
+CIFAR_DEPTHS: dict[int, tuple[str, int]] = {
+    20: ("basic", 3), 56: ("basic", 9), 110: ("basic", 18), 164: ("bottleneck", 18)}
+IMAGENET_DEPTHS: dict[int, tuple[str, tuple[int, ...]]] = {
+    18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)),
+    50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3))}
 DEPTHS = tuple(sorted({**CIFAR_DEPTHS, **IMAGENET_DEPTHS}))
 
 
@@ -181,7 +183,8 @@ class BottleneckBranch(nn.Module):
         return self.conv3(F.relu(self.bn3(self.conv2(y)), inplace=True)), a
 
 
-BRANCHES = {"basic": BasicBranch, "bottleneck": BottleneckBranch}
+Branch = BasicBranch | BottleneckBranch
+BRANCHES: dict[str, type[Branch]] = {"basic": BasicBranch, "bottleneck": BottleneckBranch}
 
 
 class Block(nn.Module):
@@ -208,6 +211,8 @@ class StepNet(nn.Module):
     def __init__(self, cfg: NetConfig):
         super().__init__()
         self.cfg = cfg
+        widths: tuple[int, ...]
+        self.stem: nn.Module
         if cfg.imagenet_style:
             kind, counts = IMAGENET_DEPTHS[cfg.depth]
             widths, width0 = (64, 128, 256, 512), 64
@@ -230,7 +235,7 @@ class StepNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def _make_stage(self, branch: type[nn.Module], stage: int, count: int, in_ch: int, width: int) -> nn.ModuleList:
+    def _make_stage(self, branch: type[Branch], stage: int, count: int, in_ch: int, width: int) -> nn.ModuleList:
         """`count` blocks; the first of a stage after the first halves the resolution, and where
         the shape changes its shortcut projects x. The adaptor follows the family, except on the
         blocks cfg.adaptor_blocks leaves out (those take h = 1)."""
@@ -240,7 +245,7 @@ class StepNet(nn.Module):
             stride = 2 if block == 1 and stage > 1 else 1
             with_adaptor = self.cfg.adaptor_blocks is None or name in self.cfg.adaptor_blocks
             adaptor = make_adaptor(self.cfg.family if with_adaptor else "resnet", out_ch, self.cfg.reduction)
-            if self.cfg.adaptor_bias is not None and hasattr(adaptor, "fc2"):
+            if self.cfg.adaptor_bias is not None and isinstance(adaptor, SqueezeExcitationAdaptor):
                 nn.init.constant_(adaptor.fc2.bias, self.cfg.adaptor_bias)   # draws nothing: same RNG stream
             f = branch(in_ch, width, stride)       # modules made in this order: the RNG draws of init
             shortcut = nn.Conv2d(in_ch, out_ch, 1, stride, bias=False) if stride != 1 or in_ch != out_ch else None
@@ -260,7 +265,7 @@ class StepNet(nn.Module):
         steps = []
         for stage in self.stages:
             prev = None
-            for block in stage:
+            for block in cast(nn.ModuleList, stage):   # ModuleList is not generic
                 step, prev = block(x, prev, diagnostics)
                 x = step.x_next
                 steps.append(step)

@@ -81,7 +81,8 @@ def param_groups(model: nn.Module, r: Recipe) -> list[dict]:
     parameters) only where the recipe says so."""
     if r.decay_norms_and_biases:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": r.weight_decay}]
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
@@ -89,6 +90,7 @@ def param_groups(model: nn.Module, r: Recipe) -> list[dict]:
 
 
 def optimizer(model: nn.Module, r: Recipe) -> torch.optim.SGD:
+    assert r.lr is not None, "a resolved recipe (Recipe.resolve)"
     return torch.optim.SGD(param_groups(model, r), lr=r.lr, momentum=r.momentum, nesterov=r.momentum > 0)
 
 
@@ -104,6 +106,7 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
 def scheduler(opt: torch.optim.Optimizer, r: Recipe, steps_per_epoch: int):
     total = r.epochs * steps_per_epoch
     if r.schedule == "one-cycle":
+        assert r.lr is not None, "a resolved recipe (Recipe.resolve)"
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r.lr, total_steps=total, pct_start=0.15,
                                                    anneal_strategy="cos")
     warmup = min(total, round(r.warmup_epochs * steps_per_epoch))

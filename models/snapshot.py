@@ -36,7 +36,9 @@ def exists(out: Path) -> bool:
 
 
 def rng_state() -> dict:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = np.random.get_state(legacy=True)
+    assert isinstance(state, tuple)              # the global RandomState (MT19937): the legacy form
+    kind, keys, pos, has_gauss, gauss = state
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "python": random.getstate(),

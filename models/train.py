@@ -19,8 +19,10 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Literal, cast
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 from tqdm import tqdm
@@ -54,7 +56,7 @@ class TrainConfig:
     adaptor_blocks: tuple[str, ...] | None = None
     adaptor_bias: float | None = None      # models.net.NetConfig.adaptor_bias
     train_images: int | None = None    # train on a fixed random subset of this many images
-    ink_margin: float | None | str = "auto"     # models.data.load's: the data set's own by default
+    ink_margin: float | None | Literal["auto"] = "auto"     # models.data.load's: the data set's own by default
     workers: int | None = None         # None: loading.default_workers
     device: str = "auto"
     precision: str = "fp32"
@@ -202,19 +204,21 @@ class _Run:
         torch.manual_seed(cfg.seed)
         self.net = StepNet(plan["net_cfg"])
         model = distributed.sync_batchnorm(self.net, ctx) if cfg.sync_bn and ctx.distributed else self.net
-        model = model.to(ctx.device, memory_format=torch.channels_last if ctx.device.type == "cuda"
-                         else torch.contiguous_format)
+        model = model.to(ctx.device)
+        if ctx.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
         if ctx.distributed:
             model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
                                             else None)
-        self.model = torch.compile(model) if cfg.compile else model
+        # torch.compile of a Module is a Module (an OptimizedModule); torch types it as any callable
+        self.model = cast(nn.Module, torch.compile(model)) if cfg.compile else model
         self.loader = loading.train_loader(plan["train_set"], ctx, cfg.seed, self.recipe.batch_size, self.workers)
         self.steps_per_epoch = loading.steps_per_epoch(len(plan["train_set"]), ctx, self.recipe.batch_size)
         self.optimizer = recipes.optimizer(self.net, self.recipe)
         self.schedule = recipes.scheduler(self.optimizer, self.recipe, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
         self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=self.recipe.label_smoothing)
-        self.position = {"epoch": 1, "step": 0, "sums": [0.0, 0.0, 0.0, 0.0], "train_seconds": 0.0}
+        self.position: dict[str, Any] = {"epoch": 1, "step": 0, "sums": [0.0, 0.0, 0.0, 0.0], "train_seconds": 0.0}
         self.created = False       # this run made OUT (it was not resumed)
 
     def _say(self, text: str) -> None:
@@ -262,7 +266,8 @@ class _Run:
             for epoch in range(self.position["epoch"], self.recipe.epochs + 1):
                 row = self._epoch(epoch, stop)
                 if row is None:
-                    return self._stopped()
+                    self._stopped()
+                    return None
                 test = self._test(epoch)
                 if test is not None:
                     row["test_accuracy"] = test["accuracy"]
@@ -277,9 +282,11 @@ class _Run:
                 self.position = {"epoch": epoch + 1, "step": 0, "sums": [0.0] * 4,
                                  "train_seconds": time.perf_counter() - started}
                 if epoch < self.recipe.epochs and self._agreed(stop):
-                    return self._stopped()
+                    self._stopped()
+                    return None
                 if epoch % self.cfg.save_every == 0 and epoch < self.recipe.epochs:
                     self._snapshot()
+        assert row is not None       # the loop ran: a snapshot is never taken after the last epoch
         return self._finish(test, row, time.perf_counter() - started)
 
     def _test(self, epoch: int) -> dict | None:
@@ -301,12 +308,11 @@ class _Run:
         self._snapshot()
         self._say(f"stopped by SIGTERM at epoch {self.position['epoch']}, step {self.position['step']}: "
                   f"snapshot written; `--resume` goes on from there")
-        return None
 
     def _epoch(self, epoch: int, stop: _Stop) -> dict | None:
         """One epoch from self.position; its metrics row, or None when a stop was asked for."""
         ctx, skip = self.ctx, self.position["step"]
-        self.loader.sampler.set_epoch(epoch, skip)
+        cast(loading.EpochShard, self.loader.sampler).set_epoch(epoch, skip)     # train_loader's
         self.model.train()
         sums = torch.tensor(self.position["sums"], dtype=torch.float64, device=ctx.device)  # loss, correct, seen, wait
         bar = tqdm(total=self.steps_per_epoch, initial=skip, desc=f"epoch {epoch}/{self.recipe.epochs}",

@@ -100,7 +100,8 @@ class Slot:
     __slots__ = ("_batcher", "_item")
 
     def __init__(self, batcher: "Batcher"):
-        self._batcher, self._item = batcher, None
+        self._batcher = batcher
+        self._item: _Item | None = None
 
     def submit(self, x: np.ndarray) -> "asyncio.Future[BatchResult]":
         """Queue one (C, H, W) input; the future gets its share of a batch. Inputs submitted in
@@ -170,10 +171,12 @@ class Batcher:
         for task in list(self._running):
             task.cancel()
         for instance in self.instances:
-            instance.executor.shutdown(wait=False)
+            if instance.executor is not None:
+                instance.executor.shutdown(wait=False)
 
     async def _drain(self) -> None:
         """Until the batching task has dispatched what was admitted and every batch has run."""
+        assert self._task is not None           # close() drains only a started batcher
         await self._task
         while batches := [t for t in self._running if t.get_name().startswith("batch-")]:
             await asyncio.gather(*batches, return_exceptions=True)

@@ -59,7 +59,7 @@ def _check_listeners(settings) -> None:
                                                      flags=socket.AI_PASSIVE))
     except socket.gaierror as exc:
         raise UserError(f"STEPNET_HOST={settings.host} does not resolve to an address to listen on "
-                        f"({exc.strerror.lower()})") from None
+                        f"({(exc.strerror or str(exc)).lower()})") from None
     held: list[socket.socket] = []
     try:
         for name, port in ports:

@@ -20,6 +20,7 @@ memory and the file descriptors. GuardedHttpToolsProtocol is uvicorn's protocol 
 Each refusal is one log line and a count in stepnet_connections_refused_total{reason}.
 """
 
+import asyncio
 import json
 import logging
 
@@ -46,7 +47,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True            # reading a request head (a new connection starts with one)
         self._head_bytes = 0            # of the head being read
         self._heads = 0                 # heads completed on this connection
-        self._head_timer = None
+        self._head_timer: asyncio.TimerHandle | None = None
         self.metrics.connections.inc()
         if len(self.connections) > self.limits.http_connections:
             self._refuse(503, "connection_limit", f"more than {self.limits.http_connections} open "

@@ -41,7 +41,9 @@ class ModelView:
 
 def plan(view: ModelView, max_versions: int | None, allowed: frozenset[int] | None = None) -> Plan:
     """max_versions: None for no limit; allowed: the only versions to serve (None: any)."""
-    load, serving, waiting = [], [], []
+    load: list[int] = []
+    serving: list[int] = []
+    waiting: list[int] = []
     for version in sorted(view.on_disk.keys() | view.serving.keys(), reverse=True):
         if max_versions is not None and len(serving) + len(load) == max_versions:
             break

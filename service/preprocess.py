@@ -58,7 +58,7 @@ class Preprocessor:
     def _decode(self, data: bytes) -> Image.Image:
         spec = self.spec
         try:
-            image = Image.open(io.BytesIO(data), formats=FORMATS)       # reads the header only
+            image: Image.Image = Image.open(io.BytesIO(data), formats=FORMATS)   # reads the header only
         except Image.UnidentifiedImageError:
             raise InvalidImage(f"not an image in a supported format ({', '.join(FORMATS)})") from None
         width, height = image.size

@@ -312,13 +312,15 @@ class Repository:
                 del self._models[name][version]
             log.info("%s:%s changed while loading; waiting for its files to settle", name, version)
             return
-        expected = isinstance(exc, ModelLoadError)
+        expected = exc if isinstance(exc, ModelLoadError) else None
         record.state = State.FAILED
-        record.error = exc.public if expected else "unexpected error while loading; see the server log"
+        record.error = (expected.public if expected is not None
+                        else "unexpected error while loading; see the server log")
         self._refused[(name, version)] = record.signature
         self.metrics.load_failures.labels(name).inc()
         log.error("refused %s/%s (%s): %s", name, version, record.folder,
-                  exc.message if expected else f"{type(exc).__name__}: {exc}", exc_info=not expected)
+                  expected.message if expected is not None else f"{type(exc).__name__}: {exc}",
+                  exc_info=expected is None)
 
     async def _changed(self, record: ModelVersion) -> bool:
         try:
@@ -331,6 +333,7 @@ class Repository:
     def _retire(self, record: ModelVersion, reason: str) -> None:
         """Unpublish now; drain in the background (requests holding it finish first)."""
         served = record.served
+        assert served is not None              # only a served version is retired
         record.state, record.error = State.UNLOADING, reason
         log.info("unloading %s:%s: %s", record.name, record.version, reason)
 
@@ -410,7 +413,7 @@ class Repository:
         record = self.resolve(name, version)
         if record.state is State.LOADING:
             raise NotReady(f"{record.name}:{record.version} is still loading")
-        if record.state is not State.READY:
+        if record.state is not State.READY or record.served is None:
             raise VersionNotFound(f"{record.name}:{record.version} is not served: {record.error}")
         return record.served
 
@@ -428,7 +431,8 @@ class Repository:
                 for _, record in sorted(versions.items())]
 
     def served(self) -> list[ServedModel]:
-        return [record.served for record in self.records() if record.state is State.READY]
+        return [record.served for record in self.records()
+                if record.state is State.READY and record.served is not None]
 
     async def index(self) -> list[ModelVersion]:
         """Every version on disk or known to this process; one never tried is listed unloaded."""

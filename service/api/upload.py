@@ -7,7 +7,7 @@ Bodies are taken as sent: a Content-Encoding other than identity is refused (415
 ignored, since images are compressed already and a decompressed size is one more limit to keep.
 A client that leaves mid-body raises starlette's ClientDisconnect (a 499 in service.errors)."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
@@ -74,7 +74,7 @@ def _check_headers(request: Request, max_bytes: int) -> None:
                               f"(STEPNET_MAX_UPLOAD_BYTES)")
 
 
-async def _bounded(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
+async def _bounded(request: Request, max_bytes: int) -> AsyncGenerator[bytes, None]:
     received = 0
     async for chunk in request.stream():
         received += len(chunk)
@@ -84,7 +84,7 @@ async def _bounded(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def _multipart_file(request: Request, stream: AsyncIterator[bytes], max_bytes: int) -> bytes:
+async def _multipart_file(request: Request, stream: AsyncGenerator[bytes, None], max_bytes: int) -> bytes:
     parser = MultiPartParser(request.headers, stream, max_files=1, max_fields=16)
     parser.spool_max_size = max_bytes          # the body is bounded already: keep it in memory
     try:

@@ -121,7 +121,8 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
 
 def _binary_inputs(inputs: list[RequestInput], binary: bytes) -> list[bytes | None]:
     """Each input's binary data (None where it sent JSON data), cut from what follows the JSON."""
-    blobs, offset = [], 0
+    blobs: list[bytes | None] = []
+    offset = 0
     for tensor in inputs:
         size = tensor.parameters.get("binary_data_size")
         if size is None:
@@ -208,7 +209,8 @@ def _images(tensor: RequestInput, blob: bytes | None, max_rows: int) -> list[byt
 
 def _unpack_bytes(blob: bytes, batch: int) -> list[bytes]:
     """The protocol's BYTES serialization: per element a uint32 little-endian length, then bytes."""
-    out, offset = [], 0
+    out: list[bytes] = []
+    offset = 0
     while offset < len(blob) and len(out) <= batch:
         if offset + 4 > len(blob):
             raise BadRequest(f"input {IMAGE_INPUT}: binary data ends inside an element's length")
@@ -244,7 +246,7 @@ def _outputs(request: InferRequest) -> list[tuple[str, bool]]:
     default = _flag(request.parameters, "binary_data_output", False)
     if not request.outputs:
         return [(name, default) for name in OUTPUTS]
-    out = []
+    out: list[tuple[str, bool]] = []
     for output in request.outputs:
         if output.name not in OUTPUTS:
             raise BadRequest(f"unknown output {output.name!r}; outputs: {', '.join(OUTPUTS)}")
@@ -277,7 +279,7 @@ def encode_response(decoded: Decoded, meta: ModelMetadata, results: list[BatchRe
         header["id"] = decoded.request.id
     outputs, chunks = [], []
     for name, array, binary in output_tensors(decoded, results):
-        entry = {"name": name, "datatype": "FP32", "shape": list(array.shape)}
+        entry: dict[str, object] = {"name": name, "datatype": "FP32", "shape": list(array.shape)}
         if binary:
             raw = array.astype("<f4", copy=False).tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}

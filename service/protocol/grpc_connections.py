@@ -4,7 +4,7 @@ counted through grpc core's channelz (on by default) for the connection gauge.
 
 import json
 
-from grpc._cython import cygrpc
+import grpc._cython.cygrpc as cygrpc
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 

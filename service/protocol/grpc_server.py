@@ -124,11 +124,13 @@ def rpc(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
     return handler
 
 
-def first_values(metadata: Iterable[tuple[str, str | bytes]]) -> dict[str, str | bytes]:
-    """Metadata as a dict that keeps a key's first value, as REST does with a repeated header."""
-    out: dict[str, str | bytes] = {}
+def first_values(metadata: Iterable[tuple[str, str | bytes]]) -> dict[str, str]:
+    """Text metadata as a dict that keeps a key's first value, as REST does with a repeated header
+    (binary "-bin" keys, whose values are bytes, are left out: none is read)."""
+    out: dict[str, str] = {}
     for key, value in metadata:
-        out.setdefault(key, value)
+        if isinstance(value, str):
+            out.setdefault(key, value)
     return out
 
 
@@ -242,6 +244,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if decoded.images is not None:
                     results, _ = await served.infer_images(decoded.images)
                 else:
+                    assert decoded.tensor is not None      # the codec decodes images or a tensor
                     results = await served.infer_tensor(decoded.tensor)
             return _encode(decoded, served.meta, results)
 

@@ -123,6 +123,7 @@ async def _infer(request: Request, served: ServedModel, settings) -> Response:
         if decoded.images is not None:
             results, _ = await served.infer_images(decoded.images)
         else:
+            assert decoded.tensor is not None      # the codec decodes images or a tensor
             results = await served.infer_tensor(decoded.tensor)
     content, headers = encode_response(decoded, served.meta, results)
     return Response(content, headers=headers)
