@@ -19,7 +19,7 @@ import torch
 from benchmarks.timing import Budget, measure_interleaved
 from export import runtime, samples, variants
 from models import data
-from service.runtime import Device, Session
+from service.inference.sessions import Device, Session
 from stepnet.repository import INPUT, OUTPUTS
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""HTTP layer: what the connection limits of service.connections cost per request. Three servers
+"""HTTP layer: what the connection limits of service.api.http_limits cost per request. Three servers
 on one repository (the digits model, where HTTP is a large share of a request): `stepnet serve`
 (httptools with the limits), uvicorn's own httptools protocol without them, and uvicorn's h11,
 the parser the service used before httptools. One client each at concurrency 1, requests taking

@@ -104,7 +104,7 @@ def off_cost_ns() -> float:
     telemetry settings the service gives it when tracing is off (service.main)."""
     from fastapi import FastAPI
 
-    from service import tracing
+    from service.telemetry import tracing
 
     app = FastAPI(telemetry={"operation_spans": False, "tracing": False, "metrics": False, "logs": False})
     telemetry = app._native_telemetry           # what FastAPI asks on every request

@@ -3,7 +3,7 @@ the cost of the diagnostics outputs, and where ONNX Runtime spends its time (its
 
 Both runtimes compute the same outputs: PyTorch runs `model(x, diagnostics=True)` (logits, step
 sizes and NSI), as the exported graph does. ONNX Runtime sessions are made exactly as the service
-makes them (service.runtime.Session: all graph optimizations, one intra-op thread per core,
+makes them (service.inference.sessions.Session: all graph optimizations, one intra-op thread per core,
 no spinning), so the model-level figures are the service's inference figures.
 """
 
@@ -26,7 +26,7 @@ from benchmarks.timing import Budget, measure, measure_interleaved
 from export import graph, runtime, samples, variants
 from models import checkpoint, data
 from models.net import StepNet, build
-from service.runtime import Device, Session, session_options
+from service.inference.sessions import Device, Session, session_options
 from stepnet.repository import INPUT, MODEL_FILE, OUTPUTS
 
 log = logging.getLogger(__name__)

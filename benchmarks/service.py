@@ -3,7 +3,7 @@ asyncio httpx client at several concurrencies (JPEG and PNG uploads in turn, mul
 browser sends them), and in the same run the raw `session.run` figures on the same images,
 pre-processed by the service's own code, so that the serving overhead is a ratio.
 
-The raw session is made as the service makes it (service.runtime.Session) and measured before
+The raw session is made as the service makes it (service.inference.sessions.Session) and measured before
 the server starts, so that the two never share the cores.
 """
 
@@ -29,9 +29,9 @@ from benchmarks.timing import Budget, measure, stats
 from export import calibration, metadata
 from export.repository import write_version
 from models import data
-from service.metadata import read_metadata
-from service.preprocess import Preprocessor
-from service.runtime import session_options
+from service.repository.model_json import read_metadata
+from service.inference.preprocess import Preprocessor
+from service.inference.sessions import session_options
 from stepnet.repository import METADATA_FILE, MODEL_FILE
 
 log = logging.getLogger(__name__)

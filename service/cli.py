@@ -8,10 +8,10 @@ from stepnet.errors import UserError
 def _cmd_serve(args) -> int:
     from pydantic import ValidationError
 
-    from service.core.config import Settings, parse_device
-    from service.errors import ModelLoadError
-    from service.metrics import Metrics
-    from service.repository import Repository
+    from service.config.settings import Settings, parse_device
+    from service.core.errors import ModelLoadError
+    from service.telemetry.metrics import Metrics
+    from service.repository.model_repository import Repository
 
     flags = {"model_repository": args.model_repository, "host": args.host, "port": args.port}
     try:
@@ -25,7 +25,7 @@ def _cmd_serve(args) -> int:
     except ModelLoadError as exc:
         raise UserError(f"{exc.message} (`make model` exports the default model)") from None
     if parse_device(settings.device)[0] == "cuda":   # no usable GPU: exit here, not start and never be ready
-        from service.runtime import choose_device
+        from service.inference.sessions import choose_device
 
         try:
             choose_device(settings.device)
@@ -34,7 +34,7 @@ def _cmd_serve(args) -> int:
 
     _check_listeners(settings)
 
-    from service.core.budget import ConnectionBudget
+    from service.config.budget import ConnectionBudget
 
     _open_file_limit(ConnectionBudget.of(settings).open_files, settings.max_connections)
 

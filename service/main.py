@@ -16,15 +16,15 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from service import observability, tracing
-from service.api.errors import install_error_handlers
-from service.api.routes import (docs, health, metrics as metrics_route, models, page, predict,
-                                repository as repository_route, stiffness, v2)
-from service.core.config import Settings
-from service.metrics import GpuCollector, Metrics, RequestMetricsMiddleware, StateCollector
-from service.observability import RequestIdMiddleware
-from service.preprocess import return_memory_to_the_os
-from service.repository import Repository
+from service.api.error_responses import install_error_handlers
+from service.api.routes import (docs, health, models, page, predict, prometheus, repository_extension,
+                                stiffness, v2)
+from service.config.settings import Settings
+from service.inference.preprocess import return_memory_to_the_os
+from service.repository.model_repository import Repository
+from service.telemetry import logs, tracing
+from service.telemetry.logs import RequestIdMiddleware
+from service.telemetry.metrics import GpuCollector, Metrics, RequestMetricsMiddleware, StateCollector
 from stepnet.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        observability.configure(settings.log_level, settings.log_format)
+        logs.configure(settings.log_level, settings.log_format)
         return_memory_to_the_os()
         if settings.max_queue_size < settings.max_batch_size:
             log.warning("STEPNET_MAX_QUEUE_SIZE=%d is below STEPNET_MAX_BATCH_SIZE=%d: batches never "
@@ -56,7 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                       name="load-models")
         grpc_server = None
         if settings.grpc_port:
-            from service.protocol.grpc_server import GrpcServer
+            from service.grpc_api.grpc_server import GrpcServer
 
             grpc_server = app.state.grpc = GrpcServer(repository, settings, metrics)
             await grpc_server.start()
@@ -69,8 +69,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await repository.close(settings.shutdown_timeout_s)
             tracing.shutdown()
 
-    # Request spans are FastAPI's own (service.tracing). Its OpenTelemetry metrics and logs are
-    # not used (Prometheus, service.observability); off, its per-request check (4.3 us when no
+    # Request spans are FastAPI's own (service.telemetry.tracing). Its OpenTelemetry metrics and logs are
+    # not used (Prometheus, service.telemetry.logs); off, its per-request check (4.3 us when no
     # provider is set) is skipped altogether.
     traced = tracing.setup(settings.tracing)
     app = FastAPI(title="StepNet inference service", description=DESCRIPTION, version="1",
@@ -81,7 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics, access_log=settings.access_log)
     app.add_middleware(RequestIdMiddleware)      # outermost: the ID is set for everything inside
-    for module in (predict, stiffness, models, health, metrics_route, v2, repository_route, docs, page):
+    for module in (predict, stiffness, models, health, prometheus, v2, repository_extension, docs, page):
         app.include_router(module.router)
     app.mount(docs.ASSETS, docs.assets, name="docs-assets")
     _document_settings(app, settings)
@@ -120,23 +120,23 @@ async def _load(repository: Repository, metrics: Metrics, poll_s: float) -> None
 
 def serve(settings: Settings) -> None:
     """Run the app with uvicorn (what `stepnet serve` does): httptools and uvloop, the faster
-    parser and loop (docs/performance.md), with the connection limits of service.connections.
+    parser and loop (docs/performance.md), with the connection limits of service.api.http_limits.
     A port it cannot listen on (taken since `stepnet serve` checked it) is a UserError: one line."""
     import uvicorn
     from uvicorn.config import STARTUP_FAILURE
 
-    from service.connections import guarded_protocol
-    from service.core.budget import ConnectionBudget
+    from service.api.http_limits import guarded_protocol
+    from service.config.budget import ConnectionBudget
 
-    observability.configure(settings.log_level, settings.log_format)   # before uvicorn's first line
+    logs.configure(settings.log_level, settings.log_format)   # before uvicorn's first line
     app = create_app(settings)
     limits = ConnectionBudget.of(settings)
     failures: list[Exception] = []
     config = uvicorn.Config(_start_up_failures(app, failures), host=settings.host, port=settings.port,
                             http=guarded_protocol(limits, app.state.metrics), loop="uvloop",
                             ws="none",          # no WebSocket routes: upgrade requests are not taken
-                            log_level=settings.log_level, log_config=None,   # ours: observability
-                            access_log=False,   # the service's own (service.observability), with durations
+                            log_level=settings.log_level, log_config=None,   # ours: service.telemetry.logs
+                            access_log=False,   # the service's own (service.telemetry.logs), with durations
                             timeout_keep_alive=math.ceil(settings.idle_timeout_s),
                             timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s))
 

@@ -5,12 +5,12 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Path, Query, Request
 
-from service.core.config import Settings
+from service.config.settings import Settings
 from service.core.dataplane import check_admin, leased
-from service.errors import NotReady
-from service.metrics import Metrics
-from service.repository import Repository
-from service.served import ServedModel
+from service.core.errors import NotReady
+from service.telemetry.metrics import Metrics
+from service.repository.model_repository import Repository
+from service.inference.served_model import ServedModel
 from stepnet.repository import VERSION_PATTERN, VERSION_RULE
 
 

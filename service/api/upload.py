@@ -5,7 +5,7 @@ so an oversized body is never read whole.
 
 Bodies are taken as sent: a Content-Encoding other than identity is refused (415) rather than
 ignored, since images are compressed already and a decompressed size is one more limit to keep.
-A client that leaves mid-body raises starlette's ClientDisconnect (a 499 in service.errors)."""
+A client that leaves mid-body raises starlette's ClientDisconnect (a 499 in service.core.errors)."""
 
 from collections.abc import AsyncGenerator
 
@@ -13,7 +13,7 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from service.errors import (BadRequest, EmptyBody, MissingFile, PayloadTooLarge,
+from service.core.errors import (BadRequest, EmptyBody, MissingFile, PayloadTooLarge,
                             UnsupportedMediaType)
 
 FIELD = "file"

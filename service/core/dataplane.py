@@ -1,6 +1,6 @@
 """What every transport does with a request, whichever wire it came on (DESIGN 2.4): the model
 lookup and its lease, the admin key, and the request's deadline. REST's dependencies
-(service.api.deps) and the gRPC servicer (service.protocol.grpc_server) both call these; neither
+(service.api.deps) and the gRPC servicer (service.grpc_api.grpc_server) both call these; neither
 repeats them.
 """
 
@@ -11,12 +11,12 @@ from contextlib import asynccontextmanager, contextmanager
 
 from opentelemetry import trace
 
-from service.core.config import Settings
-from service.errors import (AdminDisabled, BodyTimeout, ClientDeadline, ModelNotFound, RequestTimeout,
+from service.config.settings import Settings
+from service.core.errors import (AdminDisabled, BodyTimeout, ClientDeadline, ModelNotFound, RequestTimeout,
                             Unauthorized)
-from service.observability import MODEL
-from service.repository import ModelVersion, Repository
-from service.served import ServedModel
+from service.telemetry.logs import MODEL
+from service.repository.model_repository import ModelVersion, Repository
+from service.inference.served_model import ServedModel
 from stepnet.repository import MODEL_NAME_RULE, parse_version, valid_model_name
 
 

@@ -9,7 +9,7 @@ from benchmarks import gpu, report
 from benchmarks.model_level import DIGITS_CHECKPOINT, DIGITS_VERSION, BenchModel
 from benchmarks.timing import Budget
 from models import checkpoint
-from service.errors import ModelLoadError
+from service.core.errors import ModelLoadError
 from stepnet.repository import MODEL_FILE
 
 pytestmark = pytest.mark.timeout(300)

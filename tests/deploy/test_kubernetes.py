@@ -25,8 +25,8 @@ import yaml
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
-from service.core.config import Settings
-from service.metrics import GpuCollector
+from service.config.settings import Settings
+from service.telemetry.metrics import GpuCollector
 from tests.service.conftest import Server
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from service.core.config import Settings
+from service.config.settings import Settings
 
 pytestmark = pytest.mark.timeout(120)
 

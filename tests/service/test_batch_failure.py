@@ -21,7 +21,7 @@ import tritonclient.grpc.aio as triton_aio
 from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
-from service.errors import InferenceFailed
+from service.core.errors import InferenceFailed
 from tests.service.conftest import replace_graph
 
 pytestmark = pytest.mark.timeout(120)

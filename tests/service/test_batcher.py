@@ -1,4 +1,4 @@
-"""service.batcher without HTTP: requests queued in one step coalesce into one batch, each gets its
+"""service.inference.batcher without HTTP: requests queued in one step coalesce into one batch, each gets its
 own row, the queue bound refuses at once, a cancelled request frees its slot and its work is never
 run, an input that fails the run fails its own request only, and close() finishes what was
 admitted. With several instances, batches run at the same time, and a broken instance (its batch
@@ -12,9 +12,9 @@ from contextlib import AsyncExitStack
 import numpy as np
 import pytest
 
-from service.batcher import Batcher, Instance
-from service.errors import InferenceFailed, Overloaded, ShuttingDown
-from service.metrics import Metrics
+from service.inference.batcher import Batcher, Instance
+from service.core.errors import InferenceFailed, Overloaded, ShuttingDown
+from service.telemetry.metrics import Metrics
 
 pytestmark = pytest.mark.timeout(30)
 

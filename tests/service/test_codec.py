@@ -1,4 +1,4 @@
-"""service.protocol.codec without HTTP: the Open Inference Protocol's tensors in JSON and in the
+"""service.v2.codec without HTTP: the Open Inference Protocol's tensors in JSON and in the
 binary extension, in and out, against the committed default model's metadata."""
 
 import base64
@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.batcher import BatchResult
-from service.errors import BadRequest
-from service.protocol.codec import HEADER_LENGTH, decode_request, encode_response
+from service.inference.batcher import BatchResult
+from service.core.errors import BadRequest
+from service.v2.codec import HEADER_LENGTH, decode_request, encode_response
 from stepnet.repository import METADATA_FILE
 from stepnet.repository.metadata import parse
 

@@ -1,4 +1,4 @@
-"""The connection layer's limits (service.connections) against a real `stepnet serve`: header
+"""The connection layer's limits (service.api.http_limits) against a real `stepnet serve`: header
 floods are refused with 431 while the server's memory stays flat, heads that never finish are
 closed after STEPNET_HEADER_TIMEOUT_S, connections beyond STEPNET_MAX_CONNECTIONS get 503 while
 the server keeps serving, and ordinary keep-alive and pipelined traffic is not caught by them."""

@@ -276,8 +276,8 @@ def test_guessable_admin_keys_are_refused_at_start(single_model_repository, key)
 
 
 def test_the_stiffness_tracker_leaves_non_finite_rows_out(default_model):
-    from service.metadata import read_metadata
-    from service.stiffness import StiffnessTracker
+    from service.repository.model_json import read_metadata
+    from service.inference.live_stiffness import StiffnessTracker
 
     meta = read_metadata(default_model)
     tracker = StiffnessTracker(meta, 100)

@@ -178,13 +178,14 @@ def test_a_file_system_that_does_not_answer_refuses_only_what_lies_on_it(tmp_pat
     never answer (a hung mount). Start-up ends, the healthy model serves, the two are refused
     with the reason; the next sync does not wait again, and once the file system answers an
     admin load brings the version up."""
-    from service import loader as loader_module, serving_config
-    from service.core.config import Settings
-    from service.errors import ModelLoadError
-    from service.loader import Loader
-    from service.metrics import Metrics
-    from service.model_files import FileCalls
-    from service.repository import Repository
+    from service.config import serving as serving_config
+    from service.repository import loader as loader_module
+    from service.config.settings import Settings
+    from service.core.errors import ModelLoadError
+    from service.repository.loader import Loader
+    from service.telemetry.metrics import Metrics
+    from service.repository.model_files import FileCalls
+    from service.repository.model_repository import Repository
 
     for name in (MODEL, "hung-metadata", "hung-config"):
         copy_version(default_model, tmp_path, name, 1)
@@ -283,10 +284,10 @@ def test_a_graph_with_external_data_is_refused(hostile, default_model, digit_png
 
 
 def test_onnxruntime_finds_no_external_file_either(tmp_path, default_model, monkeypatch):
-    """The second lock (service.runtime): a session made from bytes, beside the file its graph
+    """The second lock (service.inference.sessions): a session made from bytes, beside the file its graph
     names, in the working directory, still loads no external data."""
-    from service.errors import ModelLoadError
-    from service.runtime import Device, Session
+    from service.core.errors import ModelLoadError
+    from service.inference.sessions import Device, Session
 
     (tmp_path / "secret.bin").write_bytes(np.arange(10, dtype=np.float32).tobytes())
     monkeypatch.chdir(tmp_path)
@@ -298,7 +299,7 @@ def test_onnxruntime_finds_no_external_file_either(tmp_path, default_model, monk
 def test_external_data_is_found_wherever_a_graph_can_hold_a_tensor(default_model):
     from onnx import TensorProto, helper, numpy_helper
 
-    from service.external_data import external_tensors
+    from service.repository.external_data import external_tensors
 
     def tensor(name):
         t = numpy_helper.from_array(np.zeros(2, np.float32), name)

@@ -8,7 +8,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.core.config import Settings, cpu_count, parse_device
+from service.config.settings import Settings, cpu_count, parse_device
 
 pytestmark = pytest.mark.timeout(120)
 MODEL = "stepnet-digits"

@@ -49,8 +49,8 @@ LAYERS = """
 import importlib, pkgutil, sys
 
 WEB, RPC = ("fastapi", "starlette", "uvicorn"), ("grpc",)
-REST = ("service.api", "service.main", "service.connections")   # REST, the app, its connections
-GRPC = ("service.protocol.grpc_",)
+REST = ("service.api", "service.main", "service.api.http_limits")   # REST, the app, its connections
+GRPC = ("service.grpc_api",)
 
 class Block:
     blocked = WEB + RPC

@@ -1,6 +1,6 @@
-"""service.planning.plan on plain data: which versions to load, serve, wait for and retire."""
+"""service.repository.planning.plan on plain data: which versions to load, serve, wait for and retire."""
 
-from service.planning import ModelView, Plan, plan
+from service.repository.planning import ModelView, Plan, plan
 
 A, B, C = ("inode-a", ()), ("inode-b", ()), ("inode-c", ())     # folder signatures
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.schemas import PredictResponse
+from service.api.rest_schemas import PredictResponse
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.metadata import Preprocessing
-from service.preprocess import Preprocessor
+from service.repository.model_json import Preprocessing
+from service.inference.preprocess import Preprocessor
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -22,7 +22,7 @@ def test_digits_are_prepared_exactly_as_in_training(default_model):
     """The committed model.json's pre-processing in the service, and the training transforms on
     the same pixels, give the same tensor (ink normalization included: one function for both)."""
     from models import data
-    from service.metadata import read_metadata
+    from service.repository.model_json import read_metadata
 
     test_set, info = data.load("digits", "test")
     spec = read_metadata(default_model).preprocessing
@@ -41,7 +41,7 @@ def test_written_digits_are_prepared_as_the_training_transform_would(default_mod
     JPEG at reduced size, which training does not), through the service and through the training
     side's evaluation transform: the same tensor."""
     from models import data
-    from service.metadata import read_metadata
+    from service.repository.model_json import read_metadata
 
     _, info = data.load("digits", "test")
     prepare = Preprocessor(read_metadata(default_model).preprocessing, max_pixels=10**6)

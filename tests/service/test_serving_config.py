@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.core.config import Settings
-from service.errors import ModelLoadError
-from service.planning import ModelView, plan
-from service.serving_config import read
+from service.config.settings import Settings
+from service.core.errors import ModelLoadError
+from service.repository.planning import ModelView, plan
+from service.config.serving import read
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -1,5 +1,5 @@
 """An OpenTelemetry collector that cannot be reached does not hold up shutdown (issue 27, item 8):
-the last flush of spans is bounded by service.tracing.FLUSH_TIMEOUT_S, whatever the exporter's
+the last flush of spans is bounded by service.telemetry.tracing.FLUSH_TIMEOUT_S, whatever the exporter's
 timeout and retries would take. A real `stepnet serve` exports to a loopback port where nothing
 listens, or to a listener that accepts connections and never answers (the worse case: each
 request waits for its timeout)."""
@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from service.tracing import FLUSH_TIMEOUT_S
+from service.telemetry.tracing import FLUSH_TIMEOUT_S
 from tests.service.conftest import free_port
 
 pytestmark = pytest.mark.timeout(120)

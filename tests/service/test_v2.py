@@ -14,8 +14,8 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from service.metadata import Preprocessing
-from service.preprocess import Preprocessor
+from service.repository.model_json import Preprocessing
+from service.inference.preprocess import Preprocessor
 
 pytestmark = pytest.mark.timeout(120)
 

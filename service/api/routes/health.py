@@ -4,7 +4,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from service.api.deps import StartingRepositoryDep
-from service.schemas import Health, Readiness
+from service.api.rest_schemas import Health, Readiness
 
 router = APIRouter(tags=["health"])
 

@@ -3,11 +3,11 @@
 from fastapi import APIRouter
 
 from service.api.deps import RepositoryDep
-from service.api.errors import error_responses
-from service.errors import NotReady
-from service.schemas import InstanceInfo, ModelsResponse, ModelVersionInfo, ServingInfo
-from service.served import ServedModel
-from service.serving_config import ServingConfig
+from service.api.error_responses import error_responses
+from service.core.errors import NotReady
+from service.api.rest_schemas import InstanceInfo, ModelsResponse, ModelVersionInfo, ServingInfo
+from service.inference.served_model import ServedModel
+from service.config.serving import ServingConfig
 from stepnet.repository import MODEL_FILE
 
 router = APIRouter(tags=["models"])

@@ -9,15 +9,15 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic_core import to_json
 
 from service.api.deps import ServedModelDep, SettingsDep
-from service.api.errors import error_responses
+from service.api.error_responses import error_responses
 from service.api.upload import REQUEST_BODY, read_image
 from service.core.dataplane import deadline
-from service.errors import (BadRequest, BodyTimeout, EmptyBody, ImageTooLarge, InferenceFailed, InvalidImage,
+from service.core.errors import (BadRequest, BodyTimeout, EmptyBody, ImageTooLarge, InferenceFailed, InvalidImage,
                             InvalidParameter, MissingFile, ModelNotFound, NotReady, Overloaded, PayloadTooLarge,
                             RequestTimeout, ShuttingDown, UnsupportedMediaType, VersionNotFound)
-from service.metadata import Layer
-from service.postprocess import softmax
-from service.schemas import PredictResponse
+from service.repository.model_json import Layer
+from service.inference.postprocess import softmax
+from service.api.rest_schemas import PredictResponse
 
 router = APIRouter(tags=["inference"])
 

@@ -5,10 +5,10 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from service.api.deps import ServedModelDep, SettingsDep
-from service.api.errors import error_responses
-from service.errors import InvalidParameter, ModelNotFound, NotReady, VersionNotFound
-from service.schemas import StiffnessResponse
-from service.stiffness import DEFAULT_WINDOW
+from service.api.error_responses import error_responses
+from service.core.errors import InvalidParameter, ModelNotFound, NotReady, VersionNotFound
+from service.api.rest_schemas import StiffnessResponse
+from service.inference.live_stiffness import DEFAULT_WINDOW
 
 router = APIRouter(tags=["stiffness"])
 

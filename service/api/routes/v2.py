@@ -2,7 +2,7 @@
 
 Bodies and errors ({"error": "..."}) are the protocol's. Inference goes through the same batcher,
 limits and back-pressure as POST /predict: the rows of a v2 request and the images of /predict
-requests join the same batches. service.protocol.codec encodes the tensors.
+requests join the same batches. service.v2.codec encodes the tensors.
 """
 
 import asyncio
@@ -13,17 +13,17 @@ from fastapi.responses import JSONResponse
 from service.api.deps import (LatestDep, ModelName, ModelVersion, RepositoryDep, SettingsDep,
                               StartingRepositoryDep, VersionedDep)
 from service.api.upload import check_media_type, read_body
-from service.api.errors import ProtocolErrorResponse, protocol_error_responses
+from service.api.error_responses import ProtocolErrorResponse, protocol_error_responses
 from service.core.dataplane import deadline, resolve
-from service.errors import (BadRequest, BodyTimeout, EmptyBody, ImageTooLarge, InferenceFailed, InvalidImage,
+from service.core.errors import (BadRequest, BodyTimeout, EmptyBody, ImageTooLarge, InferenceFailed, InvalidImage,
                             ModelNotFound, NotReady, Overloaded, PayloadTooLarge, RequestTimeout, ShuttingDown,
                             UnsupportedMediaType, VersionNotFound)
-from service.protocol.codec import (EXTENSIONS, HEADER_LENGTH, decode_request, encode_response,
+from service.v2.codec import (EXTENSIONS, HEADER_LENGTH, decode_request, encode_response,
                                     model_metadata)
-from service.protocol.schemas import (InferRequest, InferResponse, Live, ModelMetadataResponse,
+from service.v2.messages import (InferRequest, InferResponse, Live, ModelMetadataResponse,
                                       ModelReady, Ready, ServerMetadata, inline_schema)
-from service.repository import Repository
-from service.served import ServedModel
+from service.repository.model_repository import Repository
+from service.inference.served_model import ServedModel
 from stepnet import __version__
 from stepnet.repository import VersionState, parse_version
 

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import ValidationError
 
-from service.batcher import BatchResult
-from service.errors import BadRequest, EmptyBody
-from service.metadata import ModelMetadata
-from service.postprocess import softmax
-from service.protocol.schemas import InferRequest, ModelMetadataResponse, RequestInput, TensorMetadata
+from service.inference.batcher import BatchResult
+from service.core.errors import BadRequest, EmptyBody
+from service.repository.model_json import ModelMetadata
+from service.inference.postprocess import softmax
+from service.v2.messages import InferRequest, ModelMetadataResponse, RequestInput, TensorMetadata
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]

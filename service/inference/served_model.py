@@ -17,15 +17,15 @@ from functools import partial
 
 import numpy as np
 
-from service import tracing
-from service.batcher import Batcher, BatchResult, Instance, Slot
-from service.core.config import Settings
-from service.metadata import ModelMetadata
-from service.metrics import ModelMetrics
-from service.preprocess import Preprocessor
-from service.runtime import Session
-from service.serving_config import ServingConfig
-from service.stiffness import StiffnessTracker
+from service.telemetry import tracing
+from service.inference.batcher import Batcher, BatchResult, Instance, Slot
+from service.config.settings import Settings
+from service.repository.model_json import ModelMetadata
+from service.telemetry.metrics import ModelMetrics
+from service.inference.preprocess import Preprocessor
+from service.inference.sessions import Session
+from service.config.serving import ServingConfig
+from service.inference.live_stiffness import StiffnessTracker
 
 log = logging.getLogger(__name__)
 

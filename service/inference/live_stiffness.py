@@ -9,8 +9,8 @@ import threading
 
 import numpy as np
 
-from service.metadata import ModelMetadata
-from service.schemas import (LayerStiffness, LiveStats, ReferenceStats, StageStiffness,
+from service.repository.model_json import ModelMetadata
+from service.api.rest_schemas import (LayerStiffness, LiveStats, ReferenceStats, StageStiffness,
                              StiffnessRatio, StiffnessResponse)
 from stepnet import statistics
 from stepnet.repository import STEP_MEAN

@@ -5,10 +5,10 @@ process serves.
 
 sync() brings one model in line with its folder, at start-up, on every poll
 (STEPNET_REPOSITORY_POLL_S) and on an admin load: it reads the model's serving.json
-(service.serving_config), scans the folder, asks service.planning what to do, loads the first version the plan names (service.loader: read, verified, warmed beside the
+(service.config.serving), scans the folder, asks service.repository.planning what to do, loads the first version the plan names (service.repository.loader: read, verified, warmed beside the
 ones serving, then published in one step of the event loop), and asks again, until nothing is left
 to load; then it retires what the plan leaves out (the requests that hold a version finish first:
-service.served). A version that cannot be served is refused with a log line and a count in
+service.inference.served_model). A version that cannot be served is refused with a log line and a count in
 stepnet_model_load_failures_total, and is not tried again until its folder (or serving.json)
 changes. A load that fails while the files change under it is not a failure: the copy is still
 running. A version's signature is its folder's and the serving configuration it loads with, so a
@@ -19,7 +19,7 @@ the configuration they have), until the file changes.
 What clients see of a refused version (the index, a 404) is its public reason: names, versions
 and what is wrong, never a path on this host or a library's message; the log has those.
 
-A broken or hostile folder holds back nothing else (service.model_files): the models sync
+A broken or hostile folder holds back nothing else (service.repository.model_files): the models sync
 side by side, and every look at the disk (a scan, serving.json, a version's files) runs in a
 thread of its own with a deadline, so that a file on a hung mount refuses its version, or its
 model, with a reason, and the others load, poll and answer admin calls as usual. Files are read
@@ -32,17 +32,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.core.config import Settings
-from service.errors import (BadRequest, InvalidParameter, ModelLoadError, ModelNotFound, NotReady,
+from service.config.settings import Settings
+from service.core.errors import (BadRequest, InvalidParameter, ModelLoadError, ModelNotFound, NotReady,
                             VersionNotFound)
-from service.loader import Loader
-from service.metadata import ModelMetadata
-from service.metrics import Metrics
-from service.model_files import Unanswered
-from service import serving_config
-from service.planning import ModelView, plan
-from service.served import ServedModel
-from service.serving_config import ServingConfig, file_signature
+from service.repository.loader import Loader
+from service.repository.model_json import ModelMetadata
+from service.telemetry.metrics import Metrics
+from service.repository.model_files import Unanswered
+from service.config import serving as serving_config
+from service.repository.planning import ModelView, plan
+from service.inference.served_model import ServedModel
+from service.config.serving import ServingConfig, file_signature
 from stepnet.repository import METADATA_FILE, MODEL_NAME_RULE, VersionState, is_version, valid_model_name
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ class Repository:
                 log.exception("repository poll failed; trying again in %g s", interval_s)
 
     async def sync(self, name: str, settle: bool = False) -> None:
-        """Serve the versions of `name` its version policy asks for, that load (service.planning).
+        """Serve the versions of `name` its version policy asks for, that load (service.repository.planning).
         With `settle` (polling), a version whose folder changed since the previous scan waits, and
         so does a serving.json that changed since then."""
         async with self._locks.setdefault(name, asyncio.Lock()):

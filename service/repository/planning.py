@@ -1,5 +1,5 @@
 """Which versions of one model to serve: a pure function of what is on disk, what is in memory,
-what was refused and what an admin holds. service.repository scans, then asks plan() what to do,
+what was refused and what an admin holds. service.repository.model_repository scans, then asks plan() what to do,
 does the first load, and asks again (a load that fails changes the answer: the next older version
 is tried instead), until nothing is left to load; then it retires what the plan leaves out.
 

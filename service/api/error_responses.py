@@ -1,4 +1,4 @@
-"""REST's side of the error hierarchy (service.errors): every ServiceError, validation error,
+"""REST's side of the error hierarchy (service.core.errors): every ServiceError, validation error,
 HTTP error and unforeseen exception becomes a JSON response in one place. Each protocol keeps its
 own error shape: the service's routes answer {"error": {"code": ..., "message": ...}}; the Open
 Inference Protocol routes under /v2 answer {"error": "..."}, with 400 for every bad request (the
@@ -15,8 +15,8 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from service.errors import ClientDisconnected, InvalidParameter, RequestTimeout, ServiceError, Unavailable
-from service.observability import REQUEST_ID
+from service.core.errors import ClientDisconnected, InvalidParameter, RequestTimeout, ServiceError, Unavailable
+from service.telemetry.logs import REQUEST_ID
 from stepnet.repository import VERSION_PATTERN, VERSION_RULE
 
 log = logging.getLogger(__name__)

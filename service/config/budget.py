@@ -1,6 +1,6 @@
 """The connection budget: one set of connection-level limits, configured once, that both listeners
-apply (DESIGN 2.4). The HTTP listener applies it in service.connections, the gRPC listener through
-grpc core's channel arguments (service.protocol.grpc_server).
+apply (DESIGN 2.4). The HTTP listener applies it in service.api.http_limits, the gRPC listener through
+grpc core's channel arguments (service.grpc_api.grpc_server).
 
 STEPNET_MAX_CONNECTIONS counts the client connections of the whole process. With gRPC on, a
 quarter of them (at least one) are the gRPC port's and the rest HTTP's: a fixed split, so that
@@ -17,7 +17,7 @@ Health Watch streams, which never finish by themselves, get at most `health_watc
 
 from dataclasses import dataclass
 
-from service.core.config import Settings
+from service.config.settings import Settings
 
 # descriptors beyond the client connections: model files, the listening sockets, the threads'
 # pipes and eventfds, the log, and what ONNX Runtime and grpc core open for themselves

@@ -1,7 +1,7 @@
 """One exception hierarchy for the service: every error a client can cause has its own class with
 an HTTP status and a stable `code`. It is the data plane's (DESIGN 2.4) and imports no web
-framework: each transport maps it to its wire once, REST in service.api.errors (JSON bodies, the
-status on the class), gRPC in service.protocol.grpc_server (a status code per HTTP status).
+framework: each transport maps it to its wire once, REST in service.api.error_responses (JSON bodies, the
+status on the class), gRPC in service.grpc_api.grpc_server (a status code per HTTP status).
 """
 
 # gRPC sends the message as trailing metadata, which clients cap at 8 KiB by default
@@ -91,7 +91,7 @@ class AdminDisabled(ServiceError, status=403, code="admin_disabled"):
 
 class InferenceFailed(ServiceError, status=500, code="inference_failed"):
     """The runtime failed on this request; the requests batched with it are answered all the
-    same (service.batcher). The message is one of the two below: ONNX Runtime's own text names
+    same (service.inference.batcher). The message is one of the two below: ONNX Runtime's own text names
     graph nodes, shapes and values, so it goes to the log only, beside the request's ID."""
     ON_INPUT = "inference failed on this request's input; the server logged the runtime's error"
     ON_INSTANCE = "the model instance running this request failed; the server logged the runtime's error"

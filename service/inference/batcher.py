@@ -45,10 +45,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from opentelemetry import context as otel_context
 
-from service import tracing
-from service.errors import InferenceFailed, Overloaded, ShuttingDown
-from service.metrics import PROTOCOL, ModelMetrics
-from service.observability import REQUEST_ID
+from service.telemetry import tracing
+from service.core.errors import InferenceFailed, Overloaded, ShuttingDown
+from service.telemetry.metrics import PROTOCOL, ModelMetrics
+from service.telemetry.logs import REQUEST_ID
 
 log = logging.getLogger(__name__)
 PROBE_BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)    # after the 1st, 2nd ... failed batch of zeros

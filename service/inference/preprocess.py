@@ -17,8 +17,8 @@ import math
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
-from service.errors import ImageTooLarge, InvalidImage, ServiceError
-from service.metadata import Preprocessing
+from service.core.errors import ImageTooLarge, InvalidImage, ServiceError
+from service.repository.model_json import Preprocessing
 from stepnet.preprocessing import normalize_ink
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")    # JPEG covers MPO (phone cameras)

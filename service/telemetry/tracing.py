@@ -8,7 +8,7 @@ server's spans are skipped by one flag test.
 
 REST request spans are FastAPI's own (its native OpenTelemetry support: the server span, the
 client's traceparent, the route and status); the service adds the model, version and request ID
-to them (service.api.deps.leased, service.observability) and makes the spans below.
+to them (service.api.deps.leased, service.telemetry.logs) and makes the spans below.
 
 Spans, in the trace of the client's W3C `traceparent` where it sends one:
 - the request (server span: REST `METHOD /route` by FastAPI, gRPC the RPC's name), with its

@@ -2,7 +2,7 @@
 
 from pydantic import BaseModel, Field
 
-from service.metadata import ModelMetadata
+from service.repository.model_json import ModelMetadata
 
 
 class Prediction(BaseModel):

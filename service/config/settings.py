@@ -120,7 +120,7 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(10.0, gt=0, description="a connection that has not sent a whole "
                                                             "request head within it is closed (408)")
     max_connections: int = Field(1000, ge=4, le=1_000_000, description=(
-        "open client connections of both listeners together (service.core.budget): with gRPC on, "
+        "open client connections of both listeners together (service.config.budget): with gRPC on, "
         "a quarter of them are the gRPC port's; beyond its share a new HTTP connection gets 503 "
         "and is closed, a new gRPC one is closed at once"))
     idle_timeout_s: float = Field(30.0, gt=0, le=86_400, description=(
@@ -139,7 +139,7 @@ class Settings(BaseSettings):
     cpu_solo: bool = Field(True, description="with several CPU instances that split the cores, one more "
                                              "session with every core, given a batch only while no "
                                              "other runs: a lone request gets all the cores, "
-                                             "concurrent ones an instance each (service.batcher)")
+                                             "concurrent ones an instance each (service.inference.batcher)")
     stiffness_history: int = Field(10_000, ge=1, le=MAX_STIFFNESS_HISTORY, description=(
         f"requests per model version kept for /stiffness, at most {MAX_STIFFNESS_HISTORY:,}: each "
         f"takes 8 bytes per layer (step size and NSI), so the most is 43 MB per version of a "
@@ -148,10 +148,10 @@ class Settings(BaseSettings):
                                       description="on SIGTERM, longest wait for requests in flight")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = Field("text", description="json: one object per line "
-                                                "(service.observability)")
+                                                "(service.telemetry.logs)")
     access_log: bool = True
     tracing: Literal["auto", "otlp", "off"] = Field(
-        "auto", description="OpenTelemetry traces over OTLP/HTTP (service.tracing); auto: on when "
+        "auto", description="OpenTelemetry traces over OTLP/HTTP (service.telemetry.tracing); auto: on when "
                             "OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set")
 
     @field_validator("device")

@@ -1,11 +1,11 @@
 """Bringing one model version up: read model.json, read the graph file and check it against its
-sha256 and size (service.model_files: regular files inside the repository, sized before they are
-read, each read bounded in time; service.external_data: a graph that keeps tensors in other files
+sha256 and size (service.repository.model_files: regular files inside the repository, sized before they are
+read, each read bounded in time; service.repository.external_data: a graph that keeps tensors in other files
 is refused), create its ONNX Runtime sessions (its instances: the model's `instances` on each
-device chosen once per process, service.runtime), check the graph's input and output names, and
+device chosen once per process, service.inference.sessions), check the graph's input and output names, and
 warm every batch size the batcher can form on every instance while checking the output shapes the
 metadata implies. Whatever fails raises ModelLoadError, and nothing is published
-(service.repository decides what to load; this module only loads).
+(service.repository.model_repository decides what to load; this module only loads).
 
 Reading is what a broken file system can hang, and it is bounded (FileCalls); making sessions and
 warming them up is work on the CPU or GPU that ends, and is not.
@@ -20,15 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
-from service.core.config import DEFAULT_GPU_INSTANCES, Settings
-from service.errors import ModelLoadError
-from service.external_data import external_tensors
-from service.metadata import ModelMetadata, read_metadata
-from service.metrics import Metrics
-from service.model_files import MAX_GRAPH_BYTES, FileCalls, read_file
-from service.runtime import Device, Session, choose_device
-from service.served import ServedModel
-from service.serving_config import ServingConfig
+from service.config.settings import DEFAULT_GPU_INSTANCES, Settings
+from service.core.errors import ModelLoadError
+from service.repository.external_data import external_tensors
+from service.repository.model_json import ModelMetadata, read_metadata
+from service.telemetry.metrics import Metrics
+from service.repository.model_files import MAX_GRAPH_BYTES, FileCalls, read_file
+from service.inference.sessions import Device, Session, choose_device
+from service.inference.served_model import ServedModel
+from service.config.serving import ServingConfig
 from stepnet.repository import METADATA_FILE, MODEL_FILE, VARIANT_FILES
 
 log = logging.getLogger(__name__)

@@ -5,9 +5,9 @@ ModelRepositoryParameter map, as plain values). The caller checks the admin key.
 import asyncio
 from typing import Any
 
-from service.errors import BadRequest
-from service.protocol.schemas import IndexEntry
-from service.repository import Repository
+from service.core.errors import BadRequest
+from service.v2.messages import IndexEntry
+from service.repository.model_repository import Repository
 from stepnet.repository import VersionState, parse_version
 
 # the protocol's names; it has one for every state that does not serve

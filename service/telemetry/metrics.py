@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from service.observability import log_access
+from service.telemetry.logs import log_access
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class Metrics:
 class StateCollector(Collector):
     """Queue depth and the live stiffness gauges of every served version, read at scrape time.
 
-    `served` returns the ready versions (service.repository.ServedModel)."""
+    `served` returns the ready versions (service.repository.model_repository.ServedModel)."""
 
     def __init__(self, served: Callable[[], Iterable]):
         self._served = served

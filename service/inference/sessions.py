@@ -4,10 +4,10 @@ STEPNET_DEVICE is `auto`, `cpu`, `cuda` (every visible GPU) or a list of GPUs (`
 `cuda:0,cuda:1`). `auto` takes the CUDA provider on every visible GPU only when one exists and
 the provider is in this onnxruntime build, and the CPU otherwise; the log says which and why.
 Each model version then gets STEPNET_INSTANCES sessions on each of those devices (Triton's
-instance groups, service.batcher runs them concurrently). CUDA sessions are bound to their GPU
+instance groups, service.inference.batcher runs them concurrently). CUDA sessions are bound to their GPU
 through the provider's device_id, use cudnn_conv_algo_search=HEURISTIC (EXHAUSTIVE makes every new
 batch shape take seconds) and IO binding; CPU sessions share the cores between them
-(service.core.config.Settings.threads_per_instance).
+(service.config.settings.Settings.threads_per_instance).
 """
 
 import logging
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from service.core.config import parse_device
-from service.errors import ModelLoadError
+from service.config.settings import parse_device
+from service.core.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class Session:
         if missing:
             raise ModelLoadError(f"{label}: the graph has no output(s) {', '.join(sorted(missing))}")
         self._io_binding = self.provider == CUDA
-        # A failed run raises with onnxruntime's text, which service.batcher logs once per failing
+        # A failed run raises with onnxruntime's text, which service.inference.batcher logs once per failing
         # request; onnxruntime's own ERROR line would come once per run of the batch's retries.
         self._run_options = ort.RunOptions()
         self._run_options.log_severity_level = 4
@@ -138,7 +138,7 @@ def session_options(intra_op_threads: int | None) -> ort.SessionOptions:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3            # errors only: provider placement notes are noise
     # Graphs are loaded from bytes: external data would be read relative to the working directory.
-    # A folder under /dev/null can hold no file, so no external data loads (service.external_data).
+    # A folder under /dev/null can hold no file, so no external data loads (service.repository.external_data).
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", NO_FOLDER)
     return options
 

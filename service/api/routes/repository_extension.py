@@ -8,12 +8,12 @@ from fastapi import APIRouter, Depends, Request
 from pydantic_core import from_json
 
 from service.api.deps import ModelName, RepositoryDep, SettingsDep, require_admin
-from service.api.errors import protocol_error_responses
+from service.api.error_responses import protocol_error_responses
 from service.api.upload import check_media_type, read_body
-from service.errors import (AdminDisabled, BadRequest, BodyTimeout, ModelLoadError, ModelNotFound, NotReady,
+from service.core.errors import (AdminDisabled, BadRequest, BodyTimeout, ModelLoadError, ModelNotFound, NotReady,
                             PayloadTooLarge, Unauthorized, UnsupportedMediaType, VersionNotFound)
-from service.protocol.repository import index_entries, load_model, unload_model
-from service.protocol.schemas import IndexEntry, IndexRequest, RepositoryRequest, inline_schema
+from service.core.repository_control import index_entries, load_model, unload_model
+from service.v2.messages import IndexEntry, IndexRequest, RepositoryRequest, inline_schema
 
 router = APIRouter(tags=["open inference protocol (v2)"])
 

@@ -28,17 +28,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from service.core.budget import ConnectionBudget
-from service.core.config import Settings
+from service.config.budget import ConnectionBudget
+from service.config.settings import Settings
 from service.core.dataplane import check_admin, deadline, leased, resolve
-from service.errors import BadRequest, ClientDeadline, ClientDisconnected, ServiceError
-from service.metrics import PROTOCOL, Metrics
-from service import tracing
-from service.observability import HEADER, MODEL, REQUEST_ID, log_access, request_id
-from service.protocol import codec, grpc_connections
-from service.protocol.repository import index_entries, load_model, unload_model
-from service.protocol.schemas import InferRequest
-from service.repository import Repository
+from service.core.errors import BadRequest, ClientDeadline, ClientDisconnected, ServiceError
+from service.telemetry.metrics import PROTOCOL, Metrics
+from service.telemetry import tracing
+from service.telemetry.logs import HEADER, MODEL, REQUEST_ID, log_access, request_id
+from service.grpc_api import grpc_connections
+from service.v2 import codec
+from service.core.repository_control import index_entries, load_model, unload_model
+from service.v2.messages import InferRequest
+from service.repository.model_repository import Repository
 from stepnet import __version__
 from stepnet.repository import VersionState, parse_version
 
@@ -400,7 +401,7 @@ class Health(health_pb2_grpc.HealthServicer):
 class GrpcServer:
     """The grpc.aio server of one app: started in its lifespan, stopped on SIGTERM (stepnet
     serve) or at the end of the lifespan, whichever comes first; stop() is idempotent. Its
-    connection limits are the connection budget's (service.core.budget), which HTTP shares."""
+    connection limits are the connection budget's (service.config.budget), which HTTP shares."""
 
     def __init__(self, repository: Repository, settings: Settings, metrics: Metrics):
         limit = settings.grpc_max_message_bytes or settings.max_upload_bytes

@@ -1,15 +1,15 @@
 """Reading model.json through the contract's models (stepnet.repository.metadata): the service
 reads nothing else of the training side, and a version whose metadata does not parse, or does
 not match its folder, is refused when it is loaded. model.json is read as the repository's other
-files are (service.model_files): a regular file inside the repository, of at most
+files are (service.repository.model_files): a regular file inside the repository, of at most
 MAX_METADATA_BYTES."""
 
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from service.errors import ModelLoadError
-from service.model_files import MAX_METADATA_BYTES, read_file
+from service.core.errors import ModelLoadError
+from service.repository.model_files import MAX_METADATA_BYTES, read_file
 from stepnet.repository import METADATA_FILE
 from stepnet.repository.metadata import Layer, ModelMetadata, Preprocessing, parse
 

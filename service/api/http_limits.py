@@ -13,7 +13,7 @@ memory and the file descriptors. GuardedHttpToolsProtocol is uvicorn's protocol 
 - STEPNET_HEADER_TIMEOUT_S: from a connection's first byte (or its opening) to the end of a
   request head; past it 408 and close. uvicorn's keep-alive timeout still closes idle
   connections between requests.
-- STEPNET_MAX_CONNECTIONS: open connections (HTTP's share of the budget, service.core.budget);
+- STEPNET_MAX_CONNECTIONS: open connections (HTTP's share of the budget, service.config.budget);
   one beyond it gets 503 with Retry-After at once and is closed, so the process keeps
   descriptors for the clients it serves.
 
@@ -26,8 +26,8 @@ import logging
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from service.core.budget import ConnectionBudget
-from service.metrics import Metrics
+from service.config.budget import ConnectionBudget
+from service.telemetry.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

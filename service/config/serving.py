@@ -8,9 +8,9 @@ settings give the defaults, the file overrides them for its model:
                                                              or {"specific": {"versions": [1, 3]}}
 
 An unknown key, a wrong type or value (types are strict: "8" is not 8), or a file that is not JSON
-refuses the model (service.repository: a log line and a load failure count; the versions already
+refuses the model (service.repository.model_repository: a log line and a load failure count; the versions already
 serving serve on). So does a serving.json that is not a regular file inside the repository, or is
-larger than MAX_FILE_BYTES (service.model_files).
+larger than MAX_FILE_BYTES (service.repository.model_files).
 """
 
 import json
@@ -21,9 +21,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from service.core.config import Settings
-from service.errors import ModelLoadError
-from service.model_files import read_file
+from service.config.settings import Settings
+from service.core.errors import ModelLoadError
+from service.repository.model_files import read_file
 
 SERVING_FILE = "serving.json"
 MAX_FILE_BYTES = 64 * 1024
@@ -84,7 +84,7 @@ class ServingConfig:
     max_batch_size: int
     max_queue_delay_ms: float
     max_queue_size: int
-    instances: int | None          # None: the default for the device (service.core.config)
+    instances: int | None          # None: the default for the device (service.config.settings)
     variant: str
     version_policy: VersionPolicy
     source: str                    # "environment" or "serving.json", for the log and /models

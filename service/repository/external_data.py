@@ -10,7 +10,7 @@ external data, so the service refuses it rather than confine it, at two depths:
 - external_tensors() finds such tensors in the graph's bytes before any session is made, with
   a minimal protobuf walk (no onnx package in the service: DESIGN 2), so that the version is
   refused with a reason that names them;
-- service.runtime points ONNX Runtime's folder for a graph loaded from bytes
+- service.inference.sessions points ONNX Runtime's folder for a graph loaded from bytes
   (`session.model_external_initializers_file_folder_path`) at a path under /dev/null, where no
   file can exist. Whatever the walk does not read (bytes it cannot parse, a field a newer ONNX
   adds), ONNX Runtime can find no external file to load: it refuses absolute locations and ones

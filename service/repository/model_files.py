@@ -27,7 +27,7 @@ from concurrent import futures
 from pathlib import Path
 from typing import TypeVar
 
-from service.errors import ModelLoadError
+from service.core.errors import ModelLoadError
 
 T = TypeVar("T")
 

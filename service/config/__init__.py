@@ -1,0 +1,1 @@
+"""Configuration: the service's settings, each model's serving.json, and the connection budget."""

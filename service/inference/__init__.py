@@ -1,0 +1,1 @@
+"""Inference: sessions on the devices, the batcher, pre- and post-processing, the live stiffness statistics."""
