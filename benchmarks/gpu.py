@@ -19,7 +19,8 @@ import torch
 from benchmarks.timing import Budget, measure_interleaved
 from export import runtime, samples, variants
 from models import data
-from service.inference.sessions import Device, Session
+from service.inference.placement import Device
+from service.inference.sessions import Session
 from stepnet.repository import INPUT, OUTPUTS
 
 log = logging.getLogger(__name__)

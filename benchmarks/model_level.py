@@ -26,7 +26,8 @@ from benchmarks.timing import Budget, measure, measure_interleaved
 from export import graph, runtime, samples, variants
 from models import checkpoint, data
 from models.net import StepNet, build
-from service.inference.sessions import Device, Session, session_options
+from service.inference.placement import Device
+from service.inference.sessions import Session, session_options
 from stepnet.repository import INPUT, MODEL_FILE, OUTPUTS
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ def _cmd_serve(args) -> int:
     except ModelLoadError as exc:
         raise UserError(f"{exc.message} (`make model` exports the default model)") from None
     if parse_device(settings.device)[0] == "cuda":   # no usable GPU: exit here, not start and never be ready
-        from service.inference.sessions import choose_device
+        from service.inference.placement import choose_device
 
         try:
             choose_device(settings.device)

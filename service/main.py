@@ -20,6 +20,7 @@ from service.api.error_responses import install_error_handlers
 from service.api.routes import (docs, health, models, page, predict, prometheus, repository_extension,
                                 stiffness, v2)
 from service.config.settings import Settings
+from service.inference.placement import nvml_cards
 from service.inference.preprocess import return_memory_to_the_os
 from service.repository.model_repository import Repository
 from service.telemetry import logs, tracing
@@ -109,7 +110,7 @@ async def _load(repository: Repository, metrics: Metrics, poll_s: float) -> None
     await repository.load_all()
     gpus = sorted({s.gpu for served in repository.served() for s in served.sessions if s.gpu is not None})
     if gpus:
-        metrics.watch(GpuCollector(gpus))
+        metrics.watch(GpuCollector(nvml_cards(gpus)))
     if repository.ready:
         log.info("ready: %s", ", ".join(f"{s.name}:{s.version} ({s.provider})" for s in repository.served()))
     else:

@@ -13,11 +13,6 @@ MAX_ADMIN_KEY_FILE_BYTES = 4096
 MAX_STIFFNESS_HISTORY = 100_000
 DEVICE_RULE = "auto, cpu, cuda (every visible GPU) or a list of GPUs such as cuda:0,1 or cuda:0,cuda:2"
 _GPU_LIST = re.compile(r"cuda:(\d+)(,(cuda:)?\d+)*")
-# STEPNET_INSTANCES unset: sessions per model version on each GPU, and on the CPU (which then
-# splits its cores between them, plus the solo session of STEPNET_CPU_SOLO). Measured in
-# benchmarks/results (docs/performance.md).
-DEFAULT_GPU_INSTANCES = 1
-DEFAULT_CPU_INSTANCES = 1
 
 
 def parse_device(value: str) -> tuple[str, tuple[int, ...] | None]:
@@ -89,8 +84,8 @@ class Settings(BaseSettings):
     device: str = Field("auto", description=f"{DEVICE_RULE}; auto: the CUDA provider on every visible "
                                             f"GPU when it really loads, else the CPU provider")
     instances: int | None = Field(None, ge=1, le=64, description=(
-        f"sessions per model version on each device, run concurrently; default {DEFAULT_GPU_INSTANCES} "
-        f"per GPU, {DEFAULT_CPU_INSTANCES} on the CPU (serving.json overrides it per model)"))
+        "sessions per model version on each device, run concurrently; default one per GPU and one "
+        "on the CPU (service.inference.placement; serving.json overrides it per model)"))
     variant: Literal["fp32", "fp16", "int8"] = Field(
         "fp32", description="model file to serve: model.onnx, model.fp16.onnx or model.int8.onnx "
                             "(falls back to model.onnx where the variant is missing)")
@@ -159,21 +154,6 @@ class Settings(BaseSettings):
     def _device(cls, value: str) -> str:
         parse_device(value)
         return value.strip().lower().replace(" ", "")
-
-    def threads_per_instance(self, cpu_instances: int) -> int:
-        """Intra-op threads of each CPU session: STEPNET_INTRA_OP_THREADS, or the cores split
-        evenly between the instances (at least one each)."""
-        return self.intra_op_threads or max(1, cpu_count() // cpu_instances)
-
-    def cpu_instances(self, instances: int | None) -> list[tuple[int, bool]]:
-        """(intra-op threads, solo) of each CPU session of a model version: `instances` (default
-        DEFAULT_CPU_INSTANCES, at most one per core) splitting the cores, then the solo session
-        with every core where STEPNET_CPU_SOLO is on and the others do not each have them all."""
-        cores = cpu_count()
-        count = instances or min(DEFAULT_CPU_INSTANCES, cores)
-        threads = self.threads_per_instance(count)
-        solo = [(cores, True)] if self.cpu_solo and count > 1 and threads < cores else []
-        return [(threads, False)] * count + solo
 
     @field_validator("admin_key_file", mode="before")
     @classmethod

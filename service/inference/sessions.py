@@ -1,90 +1,22 @@
-"""ONNX Runtime: which devices, session options, and one batch through a session.
-
-STEPNET_DEVICE is `auto`, `cpu`, `cuda` (every visible GPU) or a list of GPUs (`cuda:0,1,3`, or
-`cuda:0,cuda:1`). `auto` takes the CUDA provider on every visible GPU only when one exists and
-the provider is in this onnxruntime build, and the CPU otherwise; the log says which and why.
-Each model version then gets STEPNET_INSTANCES sessions on each of those devices (Triton's
-instance groups, service.inference.batcher runs them concurrently). CUDA sessions are bound to their GPU
-through the provider's device_id, use cudnn_conv_algo_search=HEURISTIC (EXHAUSTIVE makes every new
-batch shape take seconds) and IO binding; CPU sessions share the cores between them
-(service.config.settings.Settings.threads_per_instance).
+"""ONNX Runtime sessions: their options, and one batch through a session, on the device
+service.inference.placement chose. CUDA sessions are bound to their GPU through the provider's
+device_id, use cudnn_conv_algo_search=HEURISTIC (EXHAUSTIVE makes every new batch shape take
+seconds) and IO binding; CPU sessions get the intra-op threads placement gave them.
 """
 
 import logging
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
-from service.config.settings import parse_device
 from service.core.errors import ModelLoadError
+from service.inference.placement import CPU, CUDA, Device
 
 log = logging.getLogger(__name__)
 
-CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 _DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 NO_FOLDER = "/dev/null/no-external-data"
-
-
-@dataclass(frozen=True)
-class Device:
-    kind: str                  # "cuda" | "cpu"
-    reason: str                # why: shown in the log
-    strict: bool = False       # STEPNET_DEVICE=cuda...: no fallback to the CPU
-    gpus: tuple[int, ...] = ()     # CUDA ordinals the instances go to (as CUDA_VISIBLE_DEVICES numbers them)
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        """The devices as /models and /metrics label them: cpu, or cuda:N per GPU."""
-        return tuple(f"cuda:{i}" for i in self.gpus) if self.kind == "cuda" else ("cpu",)
-
-
-def visible_gpus() -> tuple[int, str]:
-    """(how many GPUs CUDA will number for this process, why). CUDA_VISIBLE_DEVICES narrows what
-    NVML sees (NVML ignores it); an entry CUDA cannot parse ends the list, as in CUDA itself."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        count = pynvml.nvmlDeviceGetCount()
-    except Exception as exc:   # no driver, no library: NVML says why in its message
-        return 0, f"no NVIDIA GPU ({type(exc).__name__}: {exc})"
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        entries = [e.strip() for e in visible.split(",")]
-        usable = []
-        for entry in entries:
-            if not entry or entry.startswith("-") or not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):
-                break
-            usable.append(entry)
-        count = min(count, len(usable))
-        return count, f"{count} NVIDIA GPU(s) visible (CUDA_VISIBLE_DEVICES={visible})"
-    return count, f"{count} NVIDIA GPU(s) found" if count else "NVML sees no NVIDIA GPU"
-
-
-def choose_device(requested: str) -> Device:
-    """Resolve STEPNET_DEVICE once per process: auto -> every visible GPU when a GPU and the
-    provider exist, else the CPU. A GPU asked for by number must exist."""
-    kind, ids = parse_device(requested)
-    if kind == "cpu":
-        return Device("cpu", "STEPNET_DEVICE=cpu")
-    count = 0
-    if CUDA not in ort.get_available_providers():
-        reason = "this onnxruntime build has no CUDA provider"
-    else:
-        count, reason = visible_gpus()
-    if count:
-        missing = [i for i in ids or () if i >= count]
-        if missing:
-            raise ModelLoadError(f"STEPNET_DEVICE={requested}: no GPU {', '.join(map(str, missing))} "
-                                 f"({reason}; numbered from 0)")
-        return Device("cuda", f"STEPNET_DEVICE={requested}: {reason}", strict=kind == "cuda",
-                      gpus=ids or tuple(range(count)))
-    if kind == "cuda":
-        raise ModelLoadError(f"STEPNET_DEVICE={requested}, but {reason}")
-    return Device("cpu", f"STEPNET_DEVICE=auto: {reason}")
 
 
 class Session:

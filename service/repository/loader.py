@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from service.config.settings import DEFAULT_GPU_INSTANCES, Settings
+from service.config.settings import Settings
 from service.core.errors import ModelLoadError
 from service.repository.external_data import external_tensors
 from service.repository.model_json import ModelMetadata, read_metadata
 from service.telemetry.metrics import Metrics
 from service.repository.model_files import MAX_GRAPH_BYTES, FileCalls, read_file
-from service.inference.sessions import Device, Session, choose_device
+from service.inference.placement import Device, choose_device, placements
+from service.inference.sessions import Session
 from service.inference.served_model import ServedModel
 from service.config.serving import ServingConfig
 from stepnet.repository import METADATA_FILE, MODEL_FILE, VARIANT_FILES
@@ -76,17 +77,6 @@ class Loader:
 def _where(folder: Path, *file: str) -> str:
     """A version folder, or a file in it, as clients may see it: <model>/<version>[/<file>]."""
     return "/".join((folder.parent.name, folder.name, *file))
-
-
-def placements(device: Device, settings: Settings,
-               instances: int | None) -> list[tuple[int | None, int, bool]]:
-    """(GPU ordinal or None for the CPU, intra-op threads, solo) of each instance of a model
-    version: `instances` (or the default) on each device, in device order; on the CPU, the solo
-    session last (Settings.cpu_instances)."""
-    if device.kind == "cuda":
-        count = instances or DEFAULT_GPU_INSTANCES
-        return [(gpu, settings.threads_per_instance(count), False) for gpu in device.gpus for _ in range(count)]
-    return [(None, threads, solo) for threads, solo in settings.cpu_instances(instances)]
 
 
 def read_graph(meta: ModelMetadata, folder: Path, file: str) -> bytes:

@@ -6,7 +6,6 @@ Request-path metrics are observed where they happen; everything that is a readin
 
 import contextvars
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -169,24 +168,22 @@ class GpuCollector(Collector):
     CUDA_VISIBLE_DEVICES picks cards. NVML cannot split a card's memory between the sessions on
     it, so these are per device, not per instance."""
 
-    def __init__(self, gpus: Iterable[int]):
+    def __init__(self, cards: dict[str, str]):
+        """cards: cuda:N -> how NVML names that card (its index or UUID; service.inference.placement)."""
         import pynvml
 
         pynvml.nvmlInit()
         self._nvml = pynvml
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        entries = [e.strip() for e in visible.split(",")] if visible else None
         self._handles = []
-        for ordinal in gpus:
-            entry = entries[ordinal] if entries else str(ordinal)
+        for device, entry in cards.items():
             try:
                 handle = (pynvml.nvmlDeviceGetHandleByIndex(int(entry)) if entry.isdigit()
                           else pynvml.nvmlDeviceGetHandleByUUID(entry))
                 index = pynvml.nvmlDeviceGetIndex(handle)
             except pynvml.NVMLError as exc:
-                log.warning("no GPU gauges for cuda:%d (CUDA_VISIBLE_DEVICES entry %s): %s", ordinal, entry, exc)
+                log.warning("no GPU gauges for %s (CUDA_VISIBLE_DEVICES entry %s): %s", device, entry, exc)
                 continue
-            self._handles.append((f"cuda:{ordinal}", str(index), handle))
+            self._handles.append((device, str(index), handle))
 
     def collect(self) -> Iterator[Metric]:
         labels = ["device", "gpu"]

@@ -287,7 +287,8 @@ def test_onnxruntime_finds_no_external_file_either(tmp_path, default_model, monk
     """The second lock (service.inference.sessions): a session made from bytes, beside the file its graph
     names, in the working directory, still loads no external data."""
     from service.core.errors import ModelLoadError
-    from service.inference.sessions import Device, Session
+    from service.inference.placement import Device
+    from service.inference.sessions import Session
 
     (tmp_path / "secret.bin").write_bytes(np.arange(10, dtype=np.float32).tobytes())
     monkeypatch.chdir(tmp_path)
