@@ -41,53 +41,6 @@ class PredictResponse(BaseModel):
     timing_ms: Timing
 
 
-class ReferenceStats(BaseModel):
-    step_size_mean: float
-    step_size_std: float
-    log_nsi_mean: float | None
-    log_nsi_std: float | None
-
-
-class LiveStats(BaseModel):
-    count: int = Field(description="requests in the window")
-    step_size_mean: float | None
-    step_size_p95: float | None
-    nsi_mean: float | None
-    nsi_p50: float | None
-    nsi_p95: float | None
-
-
-class LayerStiffness(BaseModel):
-    name: str
-    stage: int
-    block: int
-    reference: ReferenceStats = Field(description="the export's calibration profile")
-    live: LiveStats
-    drift: float | None = Field(description="(live mean of log NSI - reference mean) / reference std; "
-                                            "signed: > 0 is stiffer than the calibration data")
-
-
-class StiffnessRatio(BaseModel):
-    reference: float | None
-    live: float | None
-
-
-class StageStiffness(BaseModel):
-    stage: int
-    stiffness_ratio: StiffnessRatio = Field(
-        description="per request, the largest over the smallest NSI of the stage's blocks; the "
-                    "median over requests (DESIGN 1.1)")
-
-
-class StiffnessResponse(BaseModel):
-    model: str
-    version: int
-    window: int = Field(description="the last `window` requests were asked for")
-    count: int = Field(description="requests in the window so far")
-    layers: list[LayerStiffness]
-    stages: list[StageStiffness]
-
-
 class InstanceInfo(BaseModel):
     """One ONNX Runtime session of a served version (Triton's model instance)."""
     name: str = Field(description="its place in the version: 0, 1, ...; the `instance` label in /metrics")

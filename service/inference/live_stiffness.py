@@ -2,20 +2,71 @@
 (DESIGN 1.3) in a ring buffer, summarized on demand against the export's reference profile.
 
 Recording costs one locked copy per batch (in the inference thread); statistics are computed
-only when /stiffness or /metrics asks.
+only when /stiffness or /metrics asks. The summary is typed here, where it is made; REST returns
+it as it is.
 """
 
 import threading
 
 import numpy as np
 
+from pydantic import BaseModel, Field
+
 from service.repository.model_json import ModelMetadata
-from service.api.rest_schemas import (LayerStiffness, LiveStats, ReferenceStats, StageStiffness,
-                             StiffnessRatio, StiffnessResponse)
 from stepnet import statistics
 from stepnet.repository import STEP_MEAN
 
 DEFAULT_WINDOW = 1000
+
+
+# The summary's records: what /stiffness returns (its response_model) and /metrics reads.
+
+class ReferenceStats(BaseModel):
+    step_size_mean: float
+    step_size_std: float
+    log_nsi_mean: float | None
+    log_nsi_std: float | None
+
+
+class LiveStats(BaseModel):
+    count: int = Field(description="requests in the window")
+    step_size_mean: float | None
+    step_size_p95: float | None
+    nsi_mean: float | None
+    nsi_p50: float | None
+    nsi_p95: float | None
+
+
+class LayerStiffness(BaseModel):
+    name: str
+    stage: int
+    block: int
+    reference: ReferenceStats = Field(description="the export's calibration profile")
+    live: LiveStats
+    drift: float | None = Field(description="(live mean of log NSI - reference mean) / reference std; "
+                                            "signed: > 0 is stiffer than the calibration data")
+
+
+class StiffnessRatio(BaseModel):
+    reference: float | None
+    live: float | None
+
+
+class StageStiffness(BaseModel):
+    stage: int
+    stiffness_ratio: StiffnessRatio = Field(
+        description="per request, the largest over the smallest NSI of the stage's blocks; the "
+                    "median over requests (DESIGN 1.1)")
+
+
+class StiffnessResponse(BaseModel):
+    model: str
+    version: int
+    window: int = Field(description="the last `window` requests were asked for")
+    count: int = Field(description="requests in the window so far")
+    layers: list[LayerStiffness]
+    stages: list[StageStiffness]
+
 
 
 class StiffnessTracker:

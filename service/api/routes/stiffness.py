@@ -7,8 +7,7 @@ from fastapi import APIRouter, Query
 from service.api.deps import ServedModelDep, SettingsDep
 from service.api.error_responses import error_responses
 from service.core.errors import InvalidParameter, ModelNotFound, NotReady, VersionNotFound
-from service.api.rest_schemas import StiffnessResponse
-from service.inference.live_stiffness import DEFAULT_WINDOW
+from service.inference.live_stiffness import DEFAULT_WINDOW, StiffnessResponse
 
 router = APIRouter(tags=["stiffness"])
 
