@@ -14,9 +14,11 @@ from opentelemetry import trace
 from service.config.settings import Settings
 from service.core.errors import (AdminDisabled, BodyTimeout, ClientDeadline, ModelNotFound, RequestTimeout,
                             Unauthorized)
-from service.telemetry.logs import MODEL
-from service.repository.model_repository import ModelVersion, Repository
+from service.inference.batcher import BatchResult
 from service.inference.served_model import ServedModel
+from service.repository.catalogue import Catalogue, ModelVersion
+from service.telemetry.logs import MODEL
+from service.v2.codec import Decoded
 from stepnet.repository import MODEL_NAME_RULE, parse_version, valid_model_name
 
 
@@ -27,14 +29,14 @@ def check_name(name: str | None) -> None:
                             f"model names are {MODEL_NAME_RULE}")
 
 
-def resolve(repository: Repository, name: str | None, version: int | None) -> ModelVersion:
+def resolve(repository: Catalogue, name: str | None, version: int | None) -> ModelVersion:
     """The version a request names, in whatever state (the readiness endpoints)."""
     check_name(name)
     return repository.resolve(name, version)
 
 
 @contextmanager
-def leased(repository: Repository, name: str | None, version: str | int | None) -> Iterator[ServedModel]:
+def leased(repository: Catalogue, name: str | None, version: str | int | None) -> Iterator[ServedModel]:
     """The version a request names, leased until the request is done: a hot reload or an unload
     waits for it before it stops that version. Resolving and leasing happen in one step."""
     check_name(name)
@@ -92,3 +94,13 @@ async def deadline(seconds: float, client_s: float | None = None) -> AsyncIterat
             raise BodyTimeout(f"the request body did not arrive within {seconds:g} s "
                               f"(STEPNET_REQUEST_TIMEOUT_S)") from None
         raise RequestTimeout(f"no result within {seconds:g} s (STEPNET_REQUEST_TIMEOUT_S)") from None
+
+
+async def infer(served: ServedModel, decoded: Decoded) -> list[BatchResult]:
+    """An Open Inference Protocol request, decoded by either transport, through the batcher:
+    encoded images are pre-processed first, tensors join as they are."""
+    if decoded.images is not None:
+        results, _ = await served.infer_images(decoded.images)
+        return results
+    assert decoded.tensor is not None      # the codec decodes images or a tensor
+    return await served.infer_tensor(decoded.tensor)

@@ -30,7 +30,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from service.config.budget import ConnectionBudget
 from service.config.settings import Settings
-from service.core.dataplane import check_admin, deadline, leased, resolve
+from service.core.dataplane import check_admin, deadline, infer, leased, resolve
 from service.core.errors import BadRequest, ClientDeadline, ClientDisconnected, ServiceError
 from service.telemetry.metrics import PROTOCOL, Metrics
 from service.telemetry import tracing
@@ -242,11 +242,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 work.received()                      # gRPC hands over whole messages
                 decoded = await asyncio.to_thread(_decode, request, served.meta,
                                                   served.max_request_rows)
-                if decoded.images is not None:
-                    results, _ = await served.infer_images(decoded.images)
-                else:
-                    assert decoded.tensor is not None      # the codec decodes images or a tensor
-                    results = await served.infer_tensor(decoded.tensor)
+                results = await infer(served, decoded)
             return _encode(decoded, served.meta, results)
 
     # ---------------------------------------------------------------- repository extension

@@ -1,7 +1,8 @@
 """Which versions of one model to serve: a pure function of what is on disk, what is in memory,
-what was refused and what an admin holds. service.repository.model_repository scans, then asks plan() what to do,
-does the first load, and asks again (a load that fails changes the answer: the next older version
-is tried instead), until nothing is left to load; then it retires what the plan leaves out.
+what was refused and what an admin holds. service.repository.model_repository scans
+(service.repository.scan), then asks plan() what to do, does the first load, and asks again (a
+load that fails changes the answer: the next older version is tried instead), until nothing is
+left to load; then it retires what the plan leaves out.
 
 The rules, newest version first, until the model's version policy is met (serving.json, else
 the newest STEPNET_MAX_VERSIONS; `all`: no limit; `specific`: only the versions it lists):

@@ -115,7 +115,7 @@ class Metrics:
 class StateCollector(Collector):
     """Queue depth and the live stiffness gauges of every served version, read at scrape time.
 
-    `served` returns the ready versions (service.repository.model_repository.ServedModel)."""
+    `served` returns the ready versions (service.inference.served_model.ServedModel)."""
 
     def __init__(self, served: Callable[[], Iterable]):
         self._served = served

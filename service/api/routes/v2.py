@@ -14,6 +14,7 @@ from service.api.deps import (LatestDep, ModelName, ModelVersion, RepositoryDep,
                               StartingRepositoryDep, VersionedDep)
 from service.api.upload import check_media_type, read_body
 from service.api.error_responses import ProtocolErrorResponse, protocol_error_responses
+from service.core import dataplane
 from service.core.dataplane import deadline, resolve
 from service.core.errors import (BadRequest, BodyTimeout, EmptyBody, ImageTooLarge, InferenceFailed, InvalidImage,
                             ModelNotFound, NotReady, Overloaded, PayloadTooLarge, RequestTimeout, ShuttingDown,
@@ -120,10 +121,6 @@ async def _infer(request: Request, served: ServedModel, settings) -> Response:
         request_deadline.received()
         decoded = await asyncio.to_thread(decode_request, body, request.headers.get(HEADER_LENGTH),
                                           served.meta, served.max_request_rows)
-        if decoded.images is not None:
-            results, _ = await served.infer_images(decoded.images)
-        else:
-            assert decoded.tensor is not None      # the codec decodes images or a tensor
-            results = await served.infer_tensor(decoded.tensor)
+        results = await dataplane.infer(served, decoded)
     content, headers = encode_response(decoded, served.meta, results)
     return Response(content, headers=headers)
