@@ -13,7 +13,8 @@ def _cmd_serve(args) -> int:
     from service.telemetry.metrics import Metrics
     from service.repository.model_repository import Repository
 
-    flags = {"model_repository": args.model_repository, "host": args.host, "port": args.port}
+    flags = {"model_repository": args.model_repository, "host": args.host, "port": args.port,
+             "grpc_port": args.grpc_port}
     try:
         settings = Settings(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as exc:
@@ -106,4 +107,6 @@ def register(sub) -> None:
                         "(STEPNET_MODEL_REPOSITORY, default model_repository)")
     p.add_argument("--host", help="address to listen on (STEPNET_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (STEPNET_PORT, default 8000)")
+    p.add_argument("--grpc-port", type=int, help="gRPC port on the same host (STEPNET_GRPC_PORT, default "
+                                                 "8001; 0: no gRPC)")
     p.set_defaults(run=_cmd_serve)

@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from stepnet import __version__
 from stepnet.errors import UserError
 
 COMMAND_MODULES = ("models.cli", "service.cli", "analysis.cli", "export.cli",
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="StepNet: train, evaluate, export and serve image classifiers whose residual "
                     "blocks take adaptive, stiffness-aware step sizes (DESIGN.md section 1).")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument("--version", action="version", version=f"stepnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

@@ -10,7 +10,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry, Counter,
+                               Gauge, Histogram)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -56,6 +57,8 @@ class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         reg = self.registry
+        for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):   # process_*, python_*
+            reg.register(standard)
         self.requests = Counter("stepnet_requests", "Requests by endpoint (REST: the route's path; "
                                 "gRPC: the RPC), status (HTTP, or the HTTP equivalent of the gRPC "
                                 "status) and protocol (rest, grpc)",
@@ -227,5 +230,6 @@ class RequestMetricsMiddleware:
             endpoint = getattr(route, "path", "unmatched")
             seconds = time.perf_counter() - started
             self.metrics.observe_request(endpoint, status, seconds, "rest")
-            if self.access_log:
-                log_access(endpoint, scope.get("method", "-"), status, seconds, "rest")
+            if self.access_log:      # a path no route matched is logged as asked (the metrics keep one label)
+                where = endpoint if route is not None else scope.get("path", "")[:200]
+                log_access(where, scope.get("method", "-"), status, seconds, "rest")

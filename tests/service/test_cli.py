@@ -1,6 +1,7 @@
 """`stepnet serve` refuses what it cannot serve in one line (exit 2), before starting a server."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -64,3 +65,16 @@ def test_a_gpu_list_without_a_gpu(single_model_repository):
     result = serve("--model-repository", single_model_repository, STEPNET_DEVICE="cuda:0,1")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert result.stderr.startswith("stepnet serve: error: STEPNET_DEVICE=cuda:0,1, but ")
+
+
+def test_version_and_the_grpc_port_flag(single_model_repository, tmp_path):
+    version = subprocess.run([sys.executable, "-m", "stepnet.cli", "--version"], capture_output=True, text=True,
+                             timeout=30)
+    assert version.returncode == 0 and version.stdout.strip().startswith("stepnet ")
+    taken = socket.socket()
+    with taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = serve("--model-repository", single_model_repository, "--port", "0", "--grpc-port", port)
+    assert result.returncode == 2 and f"{port} (STEPNET_GRPC_PORT)" in result.stderr, result.stderr

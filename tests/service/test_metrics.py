@@ -52,3 +52,11 @@ def test_metrics_after_traffic(client, digit_png):
     assert samples(metrics["stepnet_layer_nsi_mean"], **model, layer="stage1.block2")[0].value > 0
     assert not samples(metrics["stepnet_layer_nsi_mean"], **model, layer="stage1.block1")   # undefined
     assert len(samples(metrics["stepnet_layer_drift"], **model)) == 6
+
+
+def test_the_process_and_python_series_are_exported(client):
+    metrics = scrape(client)
+    assert samples(metrics["process_resident_memory_bytes"])[0].value > 10 * 2**20
+    assert samples(metrics["process_open_fds"])[0].value > 0
+    assert samples(metrics["python_info"])[0].labels["implementation"] == "CPython"
+    assert samples(metrics["python_gc_collections"], "_total", generation="0")

@@ -64,3 +64,14 @@ def test_json_logs_parse_and_carry_the_request(start_server, single_model_reposi
     assert predict["model"] == "stepnet-digits" and predict["version"] == 1 and predict["protocol"] == "rest"
     assert access["json-2"]["status"] == 404 and access["json-3"]["status"] == 200
     assert not any(ADMIN_KEY in line for line in lines)
+
+
+def test_the_favicon_is_no_404_and_unmatched_paths_are_logged_as_asked(client, server):
+    favicon = client.get("/favicon.ico")
+    assert favicon.status_code == 204 and "max-age" in favicon.headers["cache-control"]
+    assert client.get("/no-such-page-42", headers={"X-Request-ID": "lost-1"}).status_code == 404
+    deadline = time.monotonic() + 5
+    while "/no-such-page-42" not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = next(line for line in server.log().splitlines() if "lost-1" in line and "404" in line)
+    assert "GET /no-such-page-42 404" in line
