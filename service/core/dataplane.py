@@ -1,13 +1,15 @@
 """What every transport does with a request, whichever wire it came on (DESIGN 2.4): the model
-lookup and its lease, the admin key, and the request's deadline. REST's dependencies
-(service.api.deps) and the gRPC servicer (service.grpc_api.grpc_server) both call these; neither
-repeats them.
+lookup and its lease, the admin key, the request's deadline, and inference with its statistics.
+REST's dependencies (service.api.deps) and the gRPC servicer (service.grpc_api.grpc_server) both
+call these; neither repeats them.
 """
 
 import asyncio
 import hmac
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from typing import TypeVar
 
 from opentelemetry import trace
 
@@ -20,6 +22,8 @@ from service.repository.catalogue import Catalogue, ModelVersion
 from service.telemetry.logs import MODEL
 from service.v2.codec import Decoded
 from stepnet.repository import MODEL_NAME_RULE, parse_version, valid_model_name
+
+T = TypeVar("T")
 
 
 def check_name(name: str | None) -> None:
@@ -47,6 +51,18 @@ def leased(repository: Catalogue, name: str | None, version: str | int | None) -
         span.set_attribute("stepnet.model", served.name)
         span.set_attribute("stepnet.version", served.version)
         yield served
+
+
+def reported(repository: Catalogue, name: str | None, version: int | None) -> list[ServedModel]:
+    """The served versions a statistics request names: every model's (no name), every version of
+    one model, or one version."""
+    if not name:
+        return repository.served()
+    if version is not None:
+        check_name(name)
+        return [repository.get(name, version)]
+    resolve(repository, name, None)               # 404 for a model that is not loaded
+    return [served for served in repository.served() if served.name == name]
 
 
 def check_admin(settings: Settings, authorization: str | None) -> None:
@@ -96,11 +112,28 @@ async def deadline(seconds: float, client_s: float | None = None) -> AsyncIterat
         raise RequestTimeout(f"no result within {seconds:g} s (STEPNET_REQUEST_TIMEOUT_S)") from None
 
 
-async def infer(served: ServedModel, decoded: Decoded) -> list[BatchResult]:
-    """An Open Inference Protocol request, decoded by either transport, through the batcher:
-    encoded images are pre-processed first, tensors join as they are."""
-    if decoded.images is not None:
-        results, _ = await served.infer_images(decoded.images)
-        return results
-    assert decoded.tensor is not None      # the codec decodes images or a tensor
-    return await served.infer_tensor(decoded.tensor)
+async def infer(served: ServedModel, decode: Callable[[], Decoded],
+                encode: Callable[[Decoded, list[BatchResult]], T]) -> T:
+    """An Open Inference Protocol request, whichever transport carried it: `decode` parses it (in
+    a thread), the batcher runs it (encoded images are pre-processed first, tensors join as they
+    are), `encode` shapes the answer. Its statistics (Triton's extension) are counted here, once."""
+    started = time.perf_counter_ns()
+    decoded = await asyncio.to_thread(decode)      # a request refused here never reached the model
+    decoded_ns = time.perf_counter_ns()
+    try:
+        if decoded.images is not None:
+            results, preprocess_s = await served.infer_images(decoded.images)
+        else:
+            assert decoded.tensor is not None      # the codec decodes images or a tensor
+            results, preprocess_s = await served.infer_tensor(decoded.tensor), 0.0
+        encoding = time.perf_counter_ns()
+        answer = encode(decoded, results)
+    except BaseException:
+        served.statistics.failed(time.perf_counter_ns() - started)
+        raise
+    finished = time.perf_counter_ns()
+    served.statistics.succeeded(
+        total_ns=finished - started, queue_ns=int(max(r.queue_s for r in results) * 1e9),
+        input_ns=decoded_ns - started + int(preprocess_s * 1e9),
+        infer_ns=int(max(r.inference_s for r in results) * 1e9), output_ns=finished - encoding)
+    return answer

@@ -23,20 +23,23 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from service.config.budget import ConnectionBudget
 from service.config.settings import Settings
-from service.core.dataplane import check_admin, deadline, infer, leased, resolve
+from service.core.dataplane import check_admin, deadline, infer, leased, reported, resolve
 from service.core.errors import BadRequest, ClientDeadline, ClientDisconnected, ServiceError
 from service.telemetry.metrics import PROTOCOL, Metrics
 from service.telemetry import tracing
 from service.telemetry.logs import HEADER, MODEL, REQUEST_ID, log_access, request_id
 from service.grpc_api import grpc_connections
 from service.v2 import codec
+from service.v2.triton_extensions import model_config, model_statistics
 from service.core.repository_control import index_entries, load_model, unload_model
 from service.v2.messages import InferRequest
 from service.repository.model_repository import Repository
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 
 SERVICE = "inference.GRPCInferenceService"
 HEALTH_PERIOD_S = 0.05       # how soon a Watch stream hears of a change of /readyz
+WATCH_CLOSE_S = 1.0          # on shutdown, longest wait for Watch streams to send NOT_SERVING and end
 # HTTP status of a ServiceError -> gRPC status; a client's mistake is never UNKNOWN or INTERNAL
 STATUS_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT, 415: grpc.StatusCode.INVALID_ARGUMENT,
@@ -230,6 +234,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             inputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.inputs],
             outputs=[tensor(name=t.name, datatype=t.datatype, shape=t.shape) for t in meta.outputs])
 
+    # ---------------------------------------------------------------- Triton's extensions
+
+    @rpc
+    async def ModelConfig(self, request, context):
+        with leased(self.repository, _model_name(request.name), _version(request.version)) as served:
+            config = json_format.ParseDict(model_config(served), model_config_pb2.ModelConfig())
+        return pb.ModelConfigResponse(config=config)
+
+    @rpc
+    async def ModelStatistics(self, request, context):
+        versions = reported(self.repository, request.name or None, _version(request.version))
+        return json_format.ParseDict(model_statistics(versions), pb.ModelStatisticsResponse())
+
     # ---------------------------------------------------------------- inference
 
     @rpc
@@ -240,10 +257,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             async with deadline(self.settings.request_timeout_s,
                                 None if remaining is None else max(0.0, remaining)) as work:
                 work.received()                      # gRPC hands over whole messages
-                decoded = await asyncio.to_thread(_decode, request, served.meta,
-                                                  served.max_request_rows)
-                results = await infer(served, decoded)
-            return _encode(decoded, served.meta, results)
+                return await infer(served, functools.partial(_decode, request, served.meta,
+                                                             served.max_request_rows),
+                                   lambda decoded, results: _encode(decoded, served.meta, results))
 
     # ---------------------------------------------------------------- repository extension
 
@@ -357,6 +373,13 @@ class Health(health_pb2_grpc.HealthServicer):
         self._closing = True
         self._wake()
 
+    async def closed(self, timeout_s: float) -> None:
+        """Until every Watch stream has sent NOT_SERVING and ended (or timeout_s passed), so that
+        the server's stop does not race their last message."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self._watches and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.005)
+
     def _wake(self) -> None:
         for changed in self._watches:
             changed.set()
@@ -449,4 +472,5 @@ class GrpcServer:
         if self._watch is not None:
             self._watch.cancel()
         self.health.close()
+        await self.health.closed(WATCH_CLOSE_S)
         await self.server.stop(self.settings.shutdown_timeout_s)

@@ -25,6 +25,7 @@ from service.telemetry.metrics import ModelMetrics
 from service.inference.preprocess import Preprocessor
 from service.inference.sessions import Session
 from service.config.serving import ServingConfig
+from service.inference.inference_statistics import InferenceStatistics
 from service.inference.live_stiffness import StiffnessTracker
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class ServedModel:
         self.name, self.version, self.provider = meta.name, meta.version, self.sessions[0].provider
         self.preprocessor = Preprocessor(meta.preprocessing, settings.max_image_pixels)
         self.stiffness = StiffnessTracker(meta, settings.stiffness_history)
+        self.statistics = InferenceStatistics()        # Triton's statistics extension
         self._metrics, self._pool = metrics, preprocess_pool
         zeros = np.zeros((1, *meta.input.shape), self.sessions[0].input_dtype)
         instances = [Instance(str(i), session.device, self._runner(session), partial(session.run, zeros),
@@ -105,6 +107,7 @@ class ServedModel:
         def run(batch: np.ndarray) -> list[np.ndarray]:       # in the instance's thread
             logits, step_size, nsi = session.run(batch)      # (B, K), (B, L, 3), (B, L)
             self.stiffness.record(step_size, nsi)
+            self.statistics.executed(len(batch))
             return [logits, step_size, nsi]
         return run
 

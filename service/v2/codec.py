@@ -34,7 +34,7 @@ from service.inference.postprocess import softmax
 from service.v2.messages import InferRequest, ModelMetadataResponse, RequestInput, TensorMetadata
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-EXTENSIONS = ["binary_tensor_data", "model_repository"]
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
 IMAGE_INPUT = "image"
 OUTPUTS = ("logits", "probabilities", "step_size", "nsi")
 PLATFORM = "onnxruntime_onnx"

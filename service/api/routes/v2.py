@@ -1,11 +1,12 @@
-"""Open Inference Protocol (KServe v2) REST: health, server and model metadata, inference.
+"""Open Inference Protocol (KServe v2) REST: health, server and model metadata, inference, and
+Triton's model configuration and statistics extensions.
 
 Bodies and errors ({"error": "..."}) are the protocol's. Inference goes through the same batcher,
 limits and back-pressure as POST /predict: the rows of a v2 request and the images of /predict
 requests join the same batches. service.v2.codec encodes the tensors.
 """
 
-import asyncio
+from functools import partial
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -15,12 +16,13 @@ from service.api.deps import (LatestDep, ModelName, ModelVersion, RepositoryDep,
 from service.api.upload import check_media_type, read_body
 from service.api.error_responses import ProtocolErrorResponse, protocol_error_responses
 from service.core import dataplane
-from service.core.dataplane import deadline, resolve
+from service.core.dataplane import deadline, reported, resolve
 from service.core.errors import (BadRequest, BodyTimeout, EmptyBody, ImageTooLarge, InferenceFailed, InvalidImage,
                             ModelNotFound, NotReady, Overloaded, PayloadTooLarge, RequestTimeout, ShuttingDown,
                             UnsupportedMediaType, VersionNotFound)
 from service.v2.codec import (EXTENSIONS, HEADER_LENGTH, decode_request, encode_response,
                                     model_metadata)
+from service.v2.triton_extensions import model_config, model_statistics
 from service.v2.messages import (InferRequest, InferResponse, Live, ModelMetadataResponse,
                                       ModelReady, Ready, ServerMetadata, inline_schema)
 from service.repository.model_repository import Repository
@@ -64,6 +66,12 @@ async def ready(repository: StartingRepositoryDep) -> JSONResponse:
     return JSONResponse(Ready(ready=is_ready).model_dump(), status_code=200 if is_ready else 400)
 
 
+@router.get("/v2/models/stats")         # before /v2/models/{model_name}, which would take "stats"
+async def statistics(repository: RepositoryDep) -> dict:
+    """Triton's statistics extension: every served version's counts and cumulative durations."""
+    return model_statistics(reported(repository, None, None))
+
+
 @router.get("/v2/models/{model_name}", response_model=ModelMetadataResponse, responses=MODEL_ERRORS)
 async def model(served: LatestDep, repository: RepositoryDep) -> ModelMetadataResponse:
     return model_metadata(served.meta, repository.versions(served.name))
@@ -73,6 +81,28 @@ async def model(served: LatestDep, repository: RepositoryDep) -> ModelMetadataRe
             responses=MODEL_ERRORS)
 async def model_version(served: VersionedDep, repository: RepositoryDep) -> ModelMetadataResponse:
     return model_metadata(served.meta, repository.versions(served.name))
+
+
+@router.get("/v2/models/{model_name}/config", responses=MODEL_ERRORS)
+async def config(served: LatestDep) -> dict:
+    """Triton's model configuration extension (tritonclient's get_model_config)."""
+    return model_config(served)
+
+
+@router.get("/v2/models/{model_name}/versions/{model_version}/config", responses=MODEL_ERRORS)
+async def version_config(served: VersionedDep) -> dict:
+    return model_config(served)
+
+
+@router.get("/v2/models/{model_name}/stats", responses=MODEL_ERRORS)
+async def model_stats(repository: RepositoryDep, model_name: ModelName) -> dict:
+    """Triton's statistics extension: each served version of the model."""
+    return model_statistics(reported(repository, model_name, None))
+
+
+@router.get("/v2/models/{model_name}/versions/{model_version}/stats", responses=MODEL_ERRORS)
+async def version_stats(repository: RepositoryDep, model_name: ModelName, model_version: ModelVersion) -> dict:
+    return model_statistics(reported(repository, model_name, parse_version(model_version)))
 
 
 def _ready(repository: Repository, name: str, version: int | None) -> JSONResponse:
@@ -119,8 +149,8 @@ async def _infer(request: Request, served: ServedModel, settings) -> Response:
     async with deadline(settings.request_timeout_s) as request_deadline:
         body = await read_body(request, settings.max_upload_bytes)
         request_deadline.received()
-        decoded = await asyncio.to_thread(decode_request, body, request.headers.get(HEADER_LENGTH),
-                                          served.meta, served.max_request_rows)
-        results = await dataplane.infer(served, decoded)
-    content, headers = encode_response(decoded, served.meta, results)
+        content, headers = await dataplane.infer(
+            served, partial(decode_request, body, request.headers.get(HEADER_LENGTH), served.meta,
+                            served.max_request_rows),
+            lambda decoded, results: encode_response(decoded, served.meta, results))
     return Response(content, headers=headers)
