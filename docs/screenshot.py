@@ -53,7 +53,7 @@ def serve() -> tuple[subprocess.Popen, str]:
     raise SystemExit("screenshot: the server did not become ready in 90 s")
 
 
-def main(out: str, width: int = 1200) -> None:
+def main(out: str, width: int = 1280) -> None:
     images, _ = digits_split("test")
     proc, url = serve()
     try:
@@ -61,7 +61,7 @@ def main(out: str, width: int = 1200) -> None:
             httpx.post(url + "/predict", files={"file": ("digit.png", png(digit), "image/png")}, timeout=30)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=BROWSER_ARGS)
-            page = browser.new_page(viewport={"width": width, "height": 900})
+            page = browser.new_page(viewport={"width": width, "height": 800})
             page.goto(url + "/")
             expect(page.locator("#model")).to_be_enabled()
             page.set_input_files("#file", files=[{"name": "three.png", "mimeType": "image/png",

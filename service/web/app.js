@@ -3,7 +3,7 @@
 // stiffness of the traffic from GET /stiffness. Text from the API is only ever set as text.
 
 import * as api from "./api.js";
-import { el, clear, num, ms, percent, DASH } from "./dom.js";
+import { el, clear, num, plusMinus, ms, percent, DASH } from "./dom.js";
 import { drawStepSizes, drawNsi, drawDrift } from "./charts.js";
 import { Pad } from "./pad.js";
 
@@ -11,8 +11,11 @@ const DRIFT_LIMIT = 3;            // |drift| past this many reference standard d
 const LIVE_PERIOD_MS = 3000;
 const MODELS_RETRY_MS = 2000;     // while the service is still starting (503)
 
+const NO_PREDICTION = "No prediction yet: choose, drop, paste or draw an image.";
+
 const $ = (id) => document.getElementById(id);
-const state = { versions: [], meta: null, result: null, liveTimer: null, liveTurn: 0, pad: null, previewUrl: null };
+const state = { versions: [], meta: null, sendTurn: 0, liveTimer: null, liveTurn: 0, pad: null,
+                previewUrl: null };
 
 // ---- models and versions ------------------------------------------------------------------
 
@@ -21,11 +24,11 @@ async function loadModels() {
   try {
     body = await api.listModels();
   } catch (error) {
-    showError(error);
+    $("model-info").textContent = `Could not list the models (${error}); trying again.`;
     setTimeout(loadModels, MODELS_RETRY_MS);
     return;
   }
-  hideError();
+  $("model-info").textContent = "";
   state.versions = body.models;
   const names = [...new Set(state.versions.map((v) => v.name))].sort();
   const preferred = state.versions.find((v) => v.default) || state.versions[0];
@@ -60,7 +63,6 @@ function fillVersions() {
 function selectVersion() {
   const name = $("model").value, version = Number($("version").value);
   state.meta = state.versions.find((v) => v.name === name && v.version === version) || null;
-  state.result = null;
   const meta = state.meta;
   if (!meta) return;
   const accuracy = meta.accuracy ? `, top-1 ${percent(meta.accuracy.top1)} on ${meta.accuracy.dataset} ${meta.accuracy.split}` : "";
@@ -69,7 +71,9 @@ function selectVersion() {
     `${meta.provider ? " on " + meta.provider : ""}${accuracy}`;
   $("top-k").max = String(meta.classes.length);
   $("drawing").hidden = meta.preprocessing.colour_mode !== "L";
-  renderPrediction(null);
+  $("reference-images").textContent = `the ${meta.profile.samples} ${meta.profile.dataset} images the model ` +
+    "was calibrated on";
+  clearAnswer(NO_PREDICTION);
   restartLive();
 }
 
@@ -81,30 +85,44 @@ function topK() {
   return Number.isFinite(value) ? Math.min(Math.max(1, value), most) : 5;
 }
 
+// The answer replaces whatever was shown before, prediction or error; only the latest send's counts.
 async function send(image, filename) {
   if (!state.meta) return;
-  hideError();
+  const turn = ++state.sendTurn;
+  clearAnswer("Classifying…");
   showPreview(image);
-  document.body.classList.add("busy");
   const started = performance.now();
   try {
     const result = await api.predict(image, filename, { model: state.meta.name, version: state.meta.version,
                                                         topK: topK() });
-    state.result = result;
+    if (turn !== state.sendTurn) return;
     renderPrediction(result, performance.now() - started);
+    reveal($("answer"));
     pollLive();
   } catch (error) {
-    showError(error);
-  } finally {
-    document.body.classList.remove("busy");
+    if (turn === state.sendTurn) showError(error);
   }
 }
 
 function showPreview(image) {
-  if (state.previewUrl) URL.revokeObjectURL(state.previewUrl);
+  hidePreview();
   state.previewUrl = URL.createObjectURL(image);
   $("preview").src = state.previewUrl;
   $("preview").hidden = false;
+}
+
+function hidePreview() {
+  $("preview").hidden = true;
+  $("preview").removeAttribute("src");
+  if (state.previewUrl) URL.revokeObjectURL(state.previewUrl);
+  state.previewUrl = null;
+}
+
+// On a phone the answer is below the inputs: bring it into view, and move nothing when it is in view.
+function reveal(node) {
+  const box = node.getBoundingClientRect();
+  if (box.top >= 0 && box.bottom <= window.innerHeight) return;
+  node.scrollIntoView({ block: box.height > window.innerHeight ? "start" : "nearest" });
 }
 
 function firstImage(files) {
@@ -142,6 +160,7 @@ function wireInputs() {
     }
     send(await state.pad.toBlob(), "drawing.png");
   });
+  $("preview").addEventListener("error", hidePreview);     // a format this browser cannot show
   $("model").addEventListener("change", fillVersions);
   $("version").addEventListener("change", selectVersion);
   $("live-on").addEventListener("change", restartLive);
@@ -149,22 +168,30 @@ function wireInputs() {
 
 // ---- the prediction -------------------------------------------------------------------------
 
-function renderPrediction(result, roundTrip) {
-  const list = clear($("predictions"));
-  $("prediction-empty").hidden = result !== null;
+// No prediction, no error, no preview, and the charts with the reference alone; `status` says why.
+function clearAnswer(status) {
+  hideError();
+  hidePreview();
+  clear($("predictions"));
   $("timing").textContent = "";
-  if (result) {
-    for (const p of result.predictions) {
-      const bar = el("progress", { attrs: { max: "1", value: String(p.probability),
-                                            "aria-label": `probability of ${p.label}` } });
-      list.append(el("li", {}, el("span", { className: "label", text: p.label }), bar,
-                     el("span", { className: "probability", text: percent(p.probability) })));
-    }
-    const t = result.timing_ms;
-    $("timing").textContent = `${result.model} version ${result.version}: ${ms(t.total)} in the service ` +
-      `(queue ${ms(t.queue)}, preprocess ${ms(t.preprocess)}, inference ${ms(t.inference)}), ` +
-      `${ms(roundTrip)} round trip from this page`;
+  $("prediction-status").textContent = status;
+  $("prediction-status").hidden = status === "";
+  renderLayers(null);
+}
+
+function renderPrediction(result, roundTrip) {
+  $("prediction-status").hidden = true;
+  const list = clear($("predictions"));
+  for (const p of result.predictions) {
+    const bar = el("progress", { attrs: { max: "1", value: String(p.probability),
+                                          "aria-label": `probability of ${p.label}` } });
+    list.append(el("li", {}, el("span", { className: "label", text: p.label }), bar,
+                   el("span", { className: "probability", text: percent(p.probability) })));
   }
+  const t = result.timing_ms;
+  $("timing").textContent = `${result.model} version ${result.version}: ${ms(t.total)} in the service ` +
+    `(queue ${ms(t.queue)}, preprocess ${ms(t.preprocess)}, inference ${ms(t.inference)}), ` +
+    `${ms(roundTrip)} round trip from this page`;
   renderLayers(result);
 }
 
@@ -172,15 +199,22 @@ function renderLayers(result) {
   const meta = state.meta;
   drawStepSizes($("step-chart"), meta.profile, meta.layers, result);
   drawNsi($("nsi-chart"), meta.profile, meta.layers, result);
-  const body = clear($("layers-table").tBodies[0]);
+  const table = $("layers-table");
+  clear(table.tBodies[0]);
   for (const [i, layer] of meta.layers.entries()) {
     const row = result ? result.layers[i] : null;
     const cells = row ? [num(row.step_size.mean), num(row.step_size.min), num(row.step_size.max), num(row.nsi)]
                       : [DASH, DASH, DASH, DASH];
-    body.append(el("tr", {}, el("th", { text: layer.name, attrs: { scope: "row" } }),
-                   el("td", { text: String(layer.stage) }), el("td", { text: String(layer.block) }),
-                   ...cells.map((text) => el("td", { text }))));
+    addRow(table, el("th", { text: layer.name, attrs: { scope: "row" } }), cells);
   }
+}
+
+// A body row whose cells carry their column's heading, shown beside each value where a narrow
+// screen stacks the table (style.css).
+function addRow(table, header, cells, className = "") {
+  const headings = [...table.tHead.rows[0].cells].map((cell) => cell.textContent);
+  const tds = cells.map((text, i) => el("td", { text, attrs: { "data-label": headings[i + 1] } }));
+  table.tBodies[0].append(el("tr", { className }, header, ...tds));
 }
 
 // ---- live stiffness ---------------------------------------------------------------------------
@@ -227,27 +261,30 @@ function renderLive(summary) {
                      el("td", { text: num(stage.stiffness_ratio.live) })));
   }
 
-  const layers = clear($("live-table").tBodies[0]);
+  const table = $("live-table");
+  clear(table.tBodies[0]);
   for (const layer of summary.layers) {
     const ref = layer.reference, live = layer.live;
     const past = layer.drift !== null && Math.abs(layer.drift) > DRIFT_LIMIT;
     const nsiRef = ref.log_nsi_mean === null ? DASH : num(Math.exp(ref.log_nsi_mean));
     const drift = layer.drift === null ? DASH : `${num(layer.drift)}${past ? " (past ±" + DRIFT_LIMIT + ")" : ""}`;
-    const row = el("tr", { className: past ? "past" : "" },
-                   el("th", { text: layer.name, attrs: { scope: "row" } }),
-                   el("td", { text: `${num(ref.step_size_mean)} ± ${num(ref.step_size_std, 2)}` }),
-                   el("td", { text: num(live.step_size_mean) }), el("td", { text: num(live.step_size_p95) }),
-                   el("td", { text: nsiRef }), el("td", { text: num(live.nsi_p50) }),
-                   el("td", { text: num(live.nsi_p95) }), el("td", { text: drift }));
-    layers.append(row);
+    // marked by its name too, where a row is read first, whatever the width shows of the Drift column
+    const name = el("th", { text: layer.name, attrs: { scope: "row" } },
+                    ...(past ? [" ", el("span", { className: "mark", text: "drift" })] : []));
+    addRow(table, name, [drift, plusMinus(ref.step_size_mean, ref.step_size_std), num(live.step_size_mean),
+                         num(live.step_size_p95), nsiRef, num(live.nsi_p50), num(live.nsi_p95)],
+           past ? "past" : "");
   }
 }
 
 // ---- errors -----------------------------------------------------------------------------------
 
+// An error replaces the answer: no prediction, charts or preview of an image the service refused.
 function showError(error) {
+  clearAnswer("");
   $("error").textContent = String(error);
   $("error").hidden = false;
+  reveal($("answer"));
 }
 
 function hideError() {

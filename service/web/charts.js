@@ -2,11 +2,13 @@
 // each slot with the reference profile's mean ± std band behind the value of the last prediction
 // (or of live traffic). Charts take the width of their box and redraw when it changes.
 
-import { svg, clear, num } from "./dom.js";
+import { svg, clear, num, plusMinus } from "./dom.js";
 
 const HEIGHT = 230;
 const MARGIN = { top: 12, right: 10, bottom: 46, left: 54 };
 const STAGE_GAP = 16;
+const MIN_BAND_PX = 4;          // a reference band narrower than this is drawn this thick around its middle
+const STEP_SIZE_DOMAIN = [0, 1];  // the bounds of h
 
 const specs = new WeakMap();
 const resized = new ResizeObserver((entries) => {
@@ -56,8 +58,9 @@ function render(node, spec) {
     const g = svg("g", { class: "layer" }, node);
     svg("title", {}, g, row.tip);
     if (row.band) {
-      const top = y(row.band[1]);
-      svg("rect", { x: x[i] - half, width: 2 * half, y: top, height: Math.max(1, y(row.band[0]) - top),
+      const top = y(row.band[1]), height = y(row.band[0]) - top;
+      const thick = Math.max(MIN_BAND_PX, height);
+      svg("rect", { x: x[i] - half, width: 2 * half, y: top + (height - thick) / 2, height: thick,
                     class: "band" }, g);
     }
     if (row.mean !== null && row.mean !== undefined) {
@@ -110,13 +113,21 @@ function drawStages(node, layers, x, half, bottom) {
   });
 }
 
-// Ticks at 1, 2 or 5 times a power of ten, about `count` of them over [lo, hi].
+// Ticks over [lo, hi] a step of 1, 2 or 5 (else 2.5) times a power of ten apart, the step that gives
+// the number of ticks nearest `count`.
 export function niceTicks(lo, hi, count = 5) {
-  const raw = (hi - lo) / count;
-  const power = 10 ** Math.floor(Math.log10(raw));
-  const step = [1, 2, 5, 10].map((m) => m * power).find((s) => s >= raw) || raw;
+  const power = 10 ** Math.floor(Math.log10((hi - lo) / count));
+  let best = null;
+  for (const scale of [power / 10, power, power * 10]) {
+    for (const m of [1, 2, 5, 2.5]) {
+      const step = m * scale;
+      const first = Math.ceil(lo / step - 1e-9), last = Math.floor(hi / step + 1e-9);
+      const cost = Math.abs(last - first + 1 - count) + (m === 2.5 ? 1.5 : 0);
+      if (best === null || cost < best.cost) best = { step, first, last, cost };
+    }
+  }
   const ticks = [];
-  for (let t = Math.ceil(lo / step) * step; t <= hi + step * 1e-9; t += step) ticks.push(Number(t.toPrecision(12)));
+  for (let i = best.first; i <= best.last; i++) ticks.push(Number((i * best.step).toPrecision(12)));
   return ticks;
 }
 
@@ -134,18 +145,23 @@ export function extent(values, pad = 0.08, minSpan = 0.02) {
   return [lo - pad * span, hi + pad * span];
 }
 
-// Ticks of a log axis, in ln units: decades when the range is wide, plain values when narrow.
-function logTicks(lnLo, lnHi) {
+// Ticks of a log axis, in ln units, about `count` of them: plain nice values when the range is
+// narrow, else the densest of 1-2-3-5-7, 1-2-5, 1-3 or 1 per decade that is not crowded (decades
+// thinned out when even 1 per decade is).
+export function logTicks(lnLo, lnHi, count = 5) {
   const lo = Math.exp(lnLo), hi = Math.exp(lnHi);
-  let values;
-  if (hi / lo > 20) {
-    values = [];
-    for (let e = Math.floor(Math.log10(lo)); e <= Math.ceil(Math.log10(hi)); e++) {
-      for (const m of hi / lo > 1000 ? [1] : [1, 2, 5]) values.push(m * 10 ** e);
+  let values = niceTicks(lo, hi, count).filter((v) => v > 0);
+  if (hi / lo > 10) {
+    for (const mantissas of [[1, 2, 3, 5, 7], [1, 2, 5], [1, 3], [1]]) {
+      values = [];
+      for (let e = Math.floor(Math.log10(lo)); e <= Math.ceil(Math.log10(hi)); e++) {
+        for (const m of mantissas) values.push(Number((m * 10 ** e).toPrecision(12)));
+      }
+      values = values.filter((v) => v >= lo && v <= hi);
+      if (values.length <= count + 1) break;
     }
-    values = values.filter((v) => v >= lo && v <= hi);
-  } else {
-    values = niceTicks(lo, hi, 4).filter((v) => v > 0);
+    const every = Math.ceil(values.length / (count + 1));
+    values = values.filter((_, i) => i % every === 0);
   }
   return values.map((v) => ({ at: Math.log(v), label: num(v, 3) }));
 }
@@ -159,16 +175,15 @@ export function drawStepSizes(node, profile, layers, result) {
   const ref = profile.layers;
   const rows = layers.map((layer, i) => {
     const r = ref[i], live = result ? result.layers[i].step_size : null;
-    const tip = `${layer.name}: reference ${num(r.step_size_mean)} ± ${num(r.step_size_std)}` +
+    const tip = `${layer.name}: reference ${plusMinus(r.step_size_mean, r.step_size_std)}` +
       (live ? `; this image: mean ${num(live.mean)} (min ${num(live.min)}, max ${num(live.max)})` : "");
     return { band: [r.step_size_mean - r.step_size_std, r.step_size_mean + r.step_size_std],
              mean: r.step_size_mean, value: live ? live.mean : null,
              range: live ? [live.min, live.max] : null, tip };
   });
-  const domain = extent(rows.flatMap((row) => [...row.band, ...(row.range || [])]));
-  draw(node, { label: "Step size h per layer: the last prediction's mean over channels (dot) and min to max " +
-                      "(whisker), against the reference mean ± std (band)",
-               axis: "step size h", domain, ticks: linearTicks(domain), layers, rows });
+  draw(node, { label: "Step size h per layer, from 0 to 1: the last prediction's mean over channels (dot) and " +
+                      "min to max (whisker), against the reference mean ± std (band)",
+               axis: "step size h", domain: STEP_SIZE_DOMAIN, ticks: linearTicks(STEP_SIZE_DOMAIN), layers, rows });
 }
 
 // NSI of the last prediction on a log axis, against exp(mean ± std of ln NSI) of the profile.
@@ -180,7 +195,7 @@ export function drawNsi(node, profile, layers, result) {
     const defined = r.log_nsi_mean !== null;
     const value = nsi !== null && nsi > 0 ? Math.log(nsi) : null;
     const tip = defined
-      ? `${layer.name}: reference ln NSI ${num(r.log_nsi_mean)} ± ${num(r.log_nsi_std)} ` +
+      ? `${layer.name}: reference ln NSI ${plusMinus(r.log_nsi_mean, r.log_nsi_std)} ` +
         `(NSI ${num(Math.exp(r.log_nsi_mean))})` + (result ? `; this image: NSI ${num(nsi)}` : "")
       : `${layer.name}: first block of stage ${layer.stage}, NSI undefined`;
     return { band: defined ? [r.log_nsi_mean - r.log_nsi_std, r.log_nsi_mean + r.log_nsi_std] : null,

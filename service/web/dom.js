@@ -33,6 +33,13 @@ export function num(value, digits = 3) {
   return Number(value.toPrecision(digits)).toString();
 }
 
+// mean ± std, the std to 2 significant digits; a std of exactly 0 (the same on every image) in words.
+export function plusMinus(mean, std) {
+  if (std === 0) return `${num(mean)}, constant`;
+  if (std === null || std === undefined || !Number.isFinite(std)) return num(mean);
+  return `${num(mean)} ± ${num(std, 2)}`;
+}
+
 export function ms(value) {
   return `${value.toFixed(value < 10 ? 2 : 1)} ms`;
 }

@@ -4,18 +4,23 @@ servers on loopback ports. Every test fails on a console error or an uncaught ex
 import json
 import re
 import shutil
+import time
 from pathlib import Path
+
+import httpx
 
 import numpy as np
 import pytest
 from playwright.sync_api import expect
 
-from tests.service.conftest import DEFAULT_MODEL
+from tests.service.conftest import DEFAULT_MODEL, SECOND_MODEL
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 WAIT_MS = 20_000
 HOSTILE = ["<script>window.pwned = 1</script>", "<img src=x onerror=\"window.pwned = 1\">"]
+SCREENS = {"wide": {"viewport": {"width": 1280, "height": 800}},
+           "phone": {"viewport": {"width": 390, "height": 844}, "has_touch": True, "is_mobile": True}}
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +71,27 @@ class Page:
         self.context.close()
 
 
+@pytest.fixture(scope="module")
+def second_default(start_server, repository):
+    """A server of this module's own whose default is stepnet-digits-b, not the alphabetically first;
+    its live statistics see only this module's traffic."""
+    return start_server(repository, default_model=SECOND_MODEL)
+
+
+def in_view(p: Page, selector: str) -> dict:
+    """The element's box once it lies wholly inside the viewport (the page may scroll to it smoothly)."""
+    view = p.tab.viewport_size
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while True:
+        box = p.tab.locator(selector).bounding_box()
+        inside = box is not None and box["x"] >= 0 and box["y"] >= 0 and \
+            box["x"] + box["width"] <= view["width"] and box["y"] + box["height"] <= view["height"]
+        if inside or time.monotonic() > deadline:
+            assert inside, f"{selector} at {box}, not inside the viewport {view}"
+            return box
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def page(browser, server):
     opened = []
@@ -91,9 +117,11 @@ def test_page_is_served_with_a_strict_policy_and_no_inline_script(client):
     assert scripts and all('src="' in attrs and body.strip() == "" for attrs, body in scripts)
     assert not re.search(r"\son[a-z]+=", response.text), "inline event handlers"
     assert 'href="docs"' in response.text and 'href="metrics"' in response.text
+    assert "DESIGN" not in response.text
     for asset in re.findall(r'(?:src|href)="(web/[^"]+)"', response.text):
         got = client.get("/" + asset)
         assert got.status_code == 200 and "content-security-policy" in got.headers, asset
+        assert "DESIGN" not in got.text, f"{asset} sends people to a file they cannot open"
     assert client.get("/web/app.js").headers["content-type"].startswith("text/javascript")
     assert client.get("/docs").status_code == 200
 
@@ -122,11 +150,18 @@ def test_uploading_a_digit_shows_the_prediction_and_every_layer(page, digits, en
     rows = p.tab.locator("#layers-table tbody tr")
     assert rows.count() == len(layers) == 9
     assert rows.nth(0).locator("th").text_content() == layers[0]["name"]
-    assert re.fullmatch(r"0\.\d+", rows.nth(0).locator("td").nth(2).text_content())
+    assert re.fullmatch(r"0\.\d+", rows.nth(0).locator("td").nth(0).text_content())
     # one dot per layer on the step-size chart; one per layer with a defined NSI on the other
     assert p.tab.locator("#step-chart circle.dot").count() == 9
     assert p.tab.locator("#nsi-chart circle.dot").count() == sum(layer["nsi_defined"] for layer in layers)
     assert p.tab.locator("#step-chart rect.band").count() == 9
+    # h runs over its bounds, 0 to 1; NSI gets a readable number of ticks; no band is a hairline
+    step_ticks = p.tab.locator("#step-chart .grid text").all_text_contents()
+    assert step_ticks[0] == "0" and step_ticks[-1] == "1" and len(step_ticks) >= 3
+    assert 4 <= p.tab.locator("#nsi-chart .grid text").count() <= 7
+    for chart in ("#step-chart", "#nsi-chart"):
+        heights = [float(h) for h in p.tab.locator(f"{chart} rect.band").evaluate_all("bs => bs.map(b => b.getAttribute('height'))")]
+        assert heights and min(heights) >= 3, (chart, heights)
     assert "ms in the service" in p.tab.locator("#timing").text_content()
     origin = p.tab.url.rstrip("/")
     left = [url for url in p.requests if not url.startswith((origin + "/", "blob:" + origin + "/"))]
@@ -211,3 +246,63 @@ def test_usable_at_phone_width_and_by_keyboard(page, digits, encode):
     p.upload("digit.png", encode(digits[0][0]))
     p.top1()
     assert p.tab.evaluate("document.documentElement.scrollWidth") <= 360
+
+
+@pytest.mark.parametrize("screen", SCREENS)
+def test_the_answer_shows_in_view_and_an_error_replaces_it(page, second_default, digits, encode, screen):
+    """Wide: the prediction beside the image, in view without scrolling. Phone: below the image,
+    scrolled into view. A refused upload then leaves no prediction, charts or broken preview behind."""
+    images, labels = digits
+    p = page(second_default.url, **SCREENS[screen])
+    p.expected_statuses = {422}
+    p.upload("digit.png", encode(images[0]))
+    assert p.top1() == str(labels[0])
+    answer = in_view(p, "#predictions")
+    image = in_view(p, "#preview")
+    if screen == "wide":
+        assert p.tab.evaluate("window.scrollY") == 0
+        assert answer["x"] >= image["x"] + image["width"] and answer["y"] < image["y"] + image["height"]
+    else:
+        assert answer["y"] >= image["y"] + image["height"]
+    assert p.tab.locator("#step-chart circle.dot").count() == 9
+
+    p.tab.evaluate("window.scrollTo(0, 0)")
+    p.upload("x.png", b"not an image")
+    expect(p.tab.locator("#error")).to_contain_text("422 invalid_image", timeout=WAIT_MS)
+    in_view(p, "#error")
+    expect(p.tab.locator("#predictions li")).to_have_count(0)
+    assert p.tab.locator("#preview").is_hidden() and p.tab.locator("#preview").get_attribute("src") is None
+    assert p.tab.locator("#step-chart circle.dot, #nsi-chart circle.dot").count() == 0
+    assert set(p.tab.locator("#layers-table td").all_text_contents()) == {"\u2014"}
+    assert p.tab.locator("#timing").text_content() == ""
+
+
+def test_the_services_default_model_is_preselected(page, second_default):
+    listed = httpx.get(second_default.url + "/models", timeout=10).json()["models"]
+    assert sorted(m["name"] for m in listed)[0] != SECOND_MODEL
+    assert [m["name"] for m in listed if m["default"]] == [SECOND_MODEL]
+    p = page(second_default.url)
+    assert p.tab.locator("#model").input_value() == SECOND_MODEL
+
+
+def test_tables_fit_a_phone_and_a_drifting_layer_is_marked_by_name(page, second_default, encode):
+    noise = np.random.default_rng(1).integers(0, 256, (8, 32, 32), dtype="uint8")
+    for image in noise:     # far from the digits the reference was measured on: some layers drift past 3
+        response = httpx.post(second_default.url + f"/predict?model={SECOND_MODEL}", timeout=30,
+                              files={"file": ("noise.png", encode(image), "image/png")})
+        assert response.status_code == 200
+    p = page(second_default.url, **SCREENS["phone"])
+    flagged = p.tab.locator("#live-table tr.past")
+    expect(flagged.first).to_be_visible(timeout=WAIT_MS)
+    for table in ("layers-table", "stages-table", "live-table"):
+        widths = p.tab.locator(f"#{table}").evaluate("t => [t.parentElement.scrollWidth, t.parentElement.clientWidth]")
+        assert widths[0] <= widths[1], f"{table} scrolls sideways: {widths}"
+    for i in range(flagged.count()):
+        mark = flagged.nth(i).locator("th .mark")
+        assert mark.text_content() == "drift"
+        box = mark.bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 390
+    references = p.tab.locator("#live-table td:nth-of-type(2)").all_text_contents()
+    assert len(references) == 9
+    assert all(re.fullmatch(r"\d\.\d+( ± \d(\.\d+)?(e-\d+)?|, constant)", text) for text in references), references
+    assert not any(text.endswith("± 0") for text in references)
