@@ -1,9 +1,14 @@
-# The two commands: `make serve` and `make test`. Everything else builds on the same .venv.
+# The two commands: `make serve` (the serving extra alone, in .venv-serve) and `make test` (every
+# extra, in .venv: training, export, development). Everything else builds on .venv.
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Serving needs no torch: Python 3.11, 3.12 or 3.13 (SERVE_PYTHON=python3.13 make serve)
+SERVE_PYTHON ?= $(PYTHON)
+SERVE_VENV := .venv-serve
+SERVE_STAMP := $(SERVE_VENV)/.installed
 CHECKPOINT := checkpoints/stepnet-digits
 DEFAULT_EPOCHS ?= 15
 MODEL_REPOSITORY ?= model_repository
@@ -19,6 +24,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[serve,train,dev]'
 	@touch $(STAMP)
 
+$(SERVE_STAMP): pyproject.toml
+	@test -x $(SERVE_VENV)/bin/python || $(SERVE_PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[serve]'
+	@touch $(SERVE_STAMP)
+
 # The default model's checkpoint: StepNet-20 trained on the embedded digits set.
 $(CHECKPOINT)/config.json: | $(STAMP)
 	$(BIN)/stepnet train --dataset digits --family stepnet --depth 20 --epochs $(DEFAULT_EPOCHS) \
@@ -28,7 +38,7 @@ checkpoint: $(STAMP) $(CHECKPOINT)/config.json
 
 # The default model: that checkpoint exported, verified and calibrated (`stepnet export`).
 # Both are committed; their timestamps on a fresh clone mean nothing, hence order-only prerequisites:
-# `make serve` exports (and trains) only what is missing, `make model` always re-exports.
+# `make bench` and `make screenshot` export (and train) only what is missing, `make model` always re-exports.
 EXPORT_DEFAULT = $(BIN)/stepnet export $(CHECKPOINT) --repository $(MODEL_REPOSITORY) \
 	--name stepnet-digits --version 1 --force
 
@@ -38,8 +48,12 @@ $(DEFAULT_MODEL)/model.json: | $(STAMP) $(CHECKPOINT)/config.json
 model: $(STAMP) | $(CHECKPOINT)/config.json
 	$(EXPORT_DEFAULT)
 
-serve: $(STAMP) | $(DEFAULT_MODEL)/model.json
-	$(BIN)/stepnet serve --model-repository $(MODEL_REPOSITORY) --host 127.0.0.1 --port 8000
+# The committed model_repository serves as it is; a missing default model is made by `make model`
+# (the train extra), which serving alone cannot do.
+serve: $(SERVE_STAMP)
+	@test -f $(DEFAULT_MODEL)/model.json || { echo "make serve: $(DEFAULT_MODEL) is missing: \
+	\`make model\` exports it (it needs the train extra)" >&2; exit 2; }
+	$(SERVE_VENV)/bin/stepnet serve --model-repository $(MODEL_REPOSITORY) --host 127.0.0.1 --port 8000
 
 # Performance report (issue 6, docs/performance.md): benchmarks/results/<machine>-<date>.*
 # BENCH_ARGS="--quick" checks that it runs; "--wait-load 1.5" waits for a quiet machine first.
@@ -69,4 +83,4 @@ screenshot: $(STAMP) | $(DEFAULT_MODEL)/model.json
 	$(BIN)/python docs/screenshot.py docs/page.png
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache
+	rm -rf $(VENV) $(SERVE_VENV) .pytest_cache .mypy_cache

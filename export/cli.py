@@ -4,6 +4,7 @@ import logging
 import sys
 from pathlib import Path
 
+from export import sizes
 from models.cli import DATA_DIR_HELP, DATASET_HELP
 
 
@@ -26,7 +27,7 @@ def _cmd_export(args) -> int:
         target = export_checkpoint(
             args.checkpoint, args.repository, args.name, args.version,
             calibration_dataset=args.calibration_dataset, data_dir=args.data_dir, force=args.force,
-            variant_names=requested, **options)
+            variant_names=requested, min_verification_images=args.min_verification_images, **options)
     except verify.VerificationError as exc:
         print(verify.format_table(exc.report))
         print(f"stepnet export: error: {exc}; nothing was written", file=sys.stderr)
@@ -94,6 +95,10 @@ def register(sub) -> None:
     p.add_argument("--data-dir", type=Path, help=f"calibration data: {DATA_DIR_HELP}")
     p.add_argument("--calibration-samples", type=_positive,
                    help="test images for the calibration profile and accuracy (default 2000)")
+    p.add_argument("--min-verification-images", type=_positive, default=sizes.MIN_SAMPLES,
+                   metavar="N", help=f"fewest test images the export verifies and calibrates on "
+                                     f"(default {sizes.MIN_SAMPLES}; fewer than "
+                                     f"{sizes.RECOMMENDED_SAMPLES}: a warning)")
     p.add_argument("--force", action="store_true", help="replace the version if it exists")
     p.add_argument("--fp16", action="store_true",
                    help="also write model.fp16.onnx (for GPUs; float32 inputs, outputs and step "

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from export import calibration, graph, metadata, runtime, samples, variants, verify
+from export import calibration, graph, metadata, runtime, samples, sizes, variants, verify
 from export.repository import resolve_version, write_version
 from models import checkpoint, data
 from stepnet.errors import UserError
@@ -69,7 +69,8 @@ def export_checkpoint(checkpoint_dir: str | Path, repository: str | Path, name: 
                       version: int | None = None, *, calibration_dataset: str | None = None,
                       data_dir: str | Path | None = None, force: bool = False,
                       calibration_samples: int = calibration.CALIBRATION_SAMPLES,
-                      verify_samples: int = verify.MIN_SAMPLES,
+                      verify_samples: int = sizes.RECOMMENDED_SAMPLES,
+                      min_verification_images: int = sizes.MIN_SAMPLES,
                       reference_samples: int = REFERENCE_SAMPLES,
                       tolerances: verify.Tolerances = verify.Tolerances(),
                       opset: int = graph.OPSET, variant_names: tuple[str, ...] = (),
@@ -89,16 +90,21 @@ def export_checkpoint(checkpoint_dir: str | Path, repository: str | Path, name: 
     version = resolve_version(repository, name, version, force)
     model, info, config = checkpoint.load(checkpoint_dir)
     dataset = calibration_dataset or config.get("dataset", info.name)
-    data_dir = Path(data_dir) if data_dir else None
+    data_dir = checkpoint.data_dir(config, dataset, Path(data_dir) if data_dir else None)
     test_set = _calibration_data(info, dataset, data_dir)
     indices = samples.evenly_spaced(len(test_set), calibration_samples)
-    if len(indices) < max(verify_samples, verify.MIN_SAMPLES):
-        raise UserError(f"{dataset} test split: {len(indices)} images available for calibration, "
-                        f"verification needs at least {max(verify_samples, verify.MIN_SAMPLES)}")
+    if len(indices) < min_verification_images:
+        raise UserError(f"{dataset} test split: {len(indices)} images, verification needs at least "
+                        f"{min_verification_images} (--min-verification-images)")
+    verify_samples = min(verify_samples, len(indices))
+    if verify_samples < sizes.RECOMMENDED_SAMPLES:
+        log.warning("warning: calibration and verification run on %d %s test images, fewer than "
+                    "the %d recommended: their figures rest on fewer inputs", len(indices), dataset,
+                    sizes.RECOMMENDED_SAMPLES)
     train_set = _calibration_data(info, dataset, data_dir, "train") if "int8" in variant_names else None
 
     proto, report = _build_and_verify(model, test_set, indices, dataset, opset, verify_samples,
-                                      reference_samples, tolerances)
+                                      min_verification_images, reference_samples, tolerances)
     log.info("calibrating on %d %s test images", len(indices), dataset)
     logits, step_size, nsi, labels = samples.run_graph(runtime.cpu_session(proto), test_set, indices)
     protos, entries = _variants(proto, variant_names, (logits, step_size, nsi), test_set, indices,
@@ -130,13 +136,13 @@ def _requested_variants(names: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _build_and_verify(model, test_set, indices: np.ndarray, dataset: str, opset: int, verify_samples: int,
-                      reference_samples: int, tolerances: verify.Tolerances) -> tuple[onnx.ModelProto, dict]:
+                      min_samples: int, reference_samples: int, tolerances: verify.Tolerances) -> tuple[onnx.ModelProto, dict]:
     """The graph and its verification report; VerificationError when it does not match."""
     log.info("building the ONNX graph of %s-%d", model.cfg.family, model.cfg.depth)
     proto = graph.build_onnx(model, opset)
     log.info("verifying against PyTorch on %d %s test images", verify_samples, dataset)
     images, _ = samples.load_images(test_set, indices[samples.evenly_spaced(len(indices), verify_samples)])
-    report = verify.verify(proto, model, images, reference_samples, tolerances)
+    report = verify.verify(proto, model, images, reference_samples, tolerances, min_samples)
     if not report["passed"]:
         raise verify.VerificationError(report)
     return proto, report

@@ -82,6 +82,19 @@ def read_config(folder: str | Path) -> dict:
     return config
 
 
+def data_dir(config: dict, dataset: str, given: Path | None) -> Path | None:
+    """The folder `dataset` is read from: the one given, else the one `stepnet train` recorded in
+    the checkpoint (an absolute path) when `dataset` is the one it was trained on, so that export
+    and evaluate need no --data-dir while the folder is where it was."""
+    if given is not None or dataset != config.get("dataset") or config.get("data_dir") is None:
+        return given
+    recorded = Path(config["data_dir"])
+    if not recorded.is_dir():
+        raise CheckpointError(f"the checkpoint was trained on {recorded}, which is no longer there; "
+                              f"--data-dir names where the {dataset} data is now")
+    return recorded
+
+
 def load(folder: str | Path, expect_classes: int | None = None) -> tuple[StepNet, DataInfo, dict]:
     """The model (in eval mode), its DataInfo and the whole config. Refuses, with one line naming
     the file and the problem, anything that is not exactly what save() wrote."""

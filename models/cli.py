@@ -88,7 +88,7 @@ def _cmd_evaluate(args) -> int:
     distributed.check_precision(args.precision, device)
     config = checkpoint.read_config(args.checkpoint)
     dataset = args.dataset or config.get("dataset", "digits")
-    test_set, info = data.load(dataset, "test", args.data_dir,
+    test_set, info = data.load(dataset, "test", checkpoint.data_dir(config, dataset, args.data_dir),
                                input_size=config.get("data", {}).get("input_size"),
                                ink_margin=config.get("data", {}).get("ink_margin"))
     model, _, _ = checkpoint.load(args.checkpoint, expect_classes=len(info.classes))
@@ -191,7 +191,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("evaluate", help="accuracy and per-layer step size and NSI of a checkpoint",
                        description="Evaluate a checkpoint on a test split: top-1 accuracy, then per "
-                                   "residual block the mean step size and mean NSI (DESIGN 1.1).")
+                                   "residual block the mean step size and mean NSI (docs/design.md 1.1).")
     p.add_argument("checkpoint", type=Path, help="checkpoint folder written by `stepnet train`")
     p.add_argument("--dataset", help=f"{DATASET_HELP} (default: the one it was trained on)")
     p.add_argument("--data-dir", type=Path, help=DATA_DIR_HELP)

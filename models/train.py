@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -33,6 +33,7 @@ from models.net import NetConfig, StepNet
 from stepnet.errors import UserError
 from stepnet.repository import STEP_MEAN
 
+MIN_STEPS_PER_EPOCH = 4   # a small training set gets a smaller batch rather than fewer steps (_fitted)
 CHECK_EVERY = 20     # steps between the checks that need a device sync (loss finite, SIGTERM in DDP)
 
 
@@ -137,6 +138,23 @@ def _identity(net_cfg: NetConfig, cfg: TrainConfig, recipe: recipes.Recipe, glob
         "precision": cfg.precision, "sync_bn": cfg.sync_bn}))
 
 
+def _fitted(recipe: recipes.Recipe, images: int, ctx: Context) -> recipes.Recipe:
+    """The recipe with a smaller batch where the training set is too small for its own: the
+    largest power of two that still gives MIN_STEPS_PER_EPOCH full global batches an epoch (at
+    least 2 images, for BatchNorm), said on stderr. A --batch-size the user gave is kept as given."""
+    per_process = images // ctx.world_size
+    if per_process // recipe.batch_size >= MIN_STEPS_PER_EPOCH:
+        return recipe
+    size = 2
+    while size * 2 <= recipe.batch_size and per_process // (size * 2) >= MIN_STEPS_PER_EPOCH:
+        size *= 2
+    if ctx.main:
+        print(f"stepnet train: {images} training images are few for batches of {recipe.batch_size}: "
+              f"batch size {size} per process instead, {per_process // size} steps an epoch "
+              f"(--batch-size sets it)", file=sys.stderr)
+    return replace(recipe, batch_size=size)
+
+
 def prepare(cfg: TrainConfig, ctx: Context) -> dict:
     """Everything a run needs that can be refused, checked before OUT is touched: the data, the
     network, the recipe, the output folder or the snapshot to resume."""
@@ -154,18 +172,21 @@ def prepare(cfg: TrainConfig, ctx: Context) -> dict:
                             adaptor_blocks=cfg.adaptor_blocks, adaptor_bias=cfg.adaptor_bias)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    recipe = recipes.recipe(cfg.recipe or recipes.default_recipe(net_cfg.imagenet_style),
-                            epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-                            weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs,
-                            label_smoothing=cfg.label_smoothing)
-    global_batch = recipe.batch_size * ctx.world_size
-    recipe = recipe.resolve(global_batch)
     if cfg.train_images is not None:
         if not 1 <= cfg.train_images <= len(train_set):
             raise UserError(f"the number of training images must be between 1 and {len(train_set)}")
         train_set = fixed_subset(train_set, cfg.train_images)
+    recipe = recipes.recipe(cfg.recipe or recipes.default_recipe(net_cfg.imagenet_style),
+                            epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                            weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs,
+                            label_smoothing=cfg.label_smoothing)
+    if cfg.batch_size is None:
+        recipe = _fitted(recipe, len(train_set), ctx)
+    global_batch = recipe.batch_size * ctx.world_size
+    recipe = recipe.resolve(global_batch)
     if loading.steps_per_epoch(len(train_set), ctx, recipe.batch_size) < 1:
-        raise UserError(f"{len(train_set)} training images do not fill one global batch of {global_batch}")
+        raise UserError(f"{len(train_set)} training images do not fill one global batch of {global_batch} "
+                        f"(--batch-size {recipe.batch_size} per process, {ctx.world_size} process(es))")
     identity = _identity(net_cfg, cfg, recipe, global_batch)
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     resume = cfg.resume or (restarted and snapshot.exists(cfg.out))
@@ -364,7 +385,9 @@ class _Run:
     def _finish(self, test: dict | None, row: dict, seconds: float) -> dict:
         cfg, r = self.cfg, self.recipe
         if self.ctx.main:
-            checkpoint.save(self.net, self.plan["info"], cfg.out, dataset=cfg.dataset, epochs=r.epochs,
+            checkpoint.save(self.net, self.plan["info"], cfg.out, dataset=cfg.dataset,
+                            data_dir=None if cfg.data_dir is None else str(cfg.data_dir.resolve()),
+                            epochs=r.epochs,
                             seed=cfg.seed, batch_size=r.batch_size, lr=r.lr, recipe=r.to_dict(),
                             global_batch=self.plan["global_batch"], processes=self.ctx.world_size,
                             device=self.ctx.device.type, precision=cfg.precision, sync_bn=cfg.sync_bn,

@@ -1,5 +1,6 @@
 """Per-model serving configuration: `<repository>/<model>/serving.json`, beside the version folders
-(docs/model-repository.md), as Triton's config.pbtxt. Every key is optional; the STEPNET_*
+(docs/model-repository.md), as Triton's config.pbtxt; and the repository's own settings,
+`<repository>/repository.json` (RepositoryFile). Every key is optional; the STEPNET_*
 settings give the defaults, the file overrides them for its model:
 
     {"max_batch_size": 16, "max_queue_delay_ms": 2, "max_queue_size": 128,
@@ -26,6 +27,7 @@ from service.core.errors import ModelLoadError
 from service.repository.model_files import read_file
 
 SERVING_FILE = "serving.json"
+REPOSITORY_FILE = "repository.json"     # the repository's own settings, beside the model folders
 MAX_FILE_BYTES = 64 * 1024
 
 
@@ -76,6 +78,13 @@ class ServingFile(_Strict):
     instances: int | None = Field(None, ge=1, le=64, description="sessions on each device")
     variant: Literal["fp32", "fp16", "int8"] | None = None
     version_policy: VersionPolicy | None = None
+
+
+class RepositoryFile(_Strict):
+    """`<repository>/repository.json`: settings of the whole repository. Optional, read at start."""
+    default_model: str | None = Field(None, description="the model a request that names none is "
+                                                        "for, where the repository holds several and "
+                                                        "STEPNET_DEFAULT_MODEL is not set")
 
 
 @dataclass(frozen=True)
@@ -150,6 +159,22 @@ def read(model_dir: Path, settings: Settings) -> ServingConfig:
     return ServingConfig(**{**base.__dict__, **given, "source": SERVING_FILE,
                             "version_policy": parsed.version_policy or base.version_policy,
                             "policy_source": SERVING_FILE if parsed.version_policy else base.policy_source})
+
+
+def read_repository(root: Path) -> RepositoryFile:
+    """The repository's repository.json, or the empty settings where there is none. Raises
+    ModelLoadError when it is invalid or cannot be read (the service does not start)."""
+    path = root / REPOSITORY_FILE
+    try:
+        data = read_file(path, root, MAX_FILE_BYTES)
+    except FileNotFoundError:
+        return RepositoryFile()
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: {exc}", f"{REPOSITORY_FILE} cannot be read ({exc.strerror})") from None
+    try:
+        return RepositoryFile.model_validate(json.loads(data))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path} is invalid: {_problems(exc)}") from None
 
 
 def _problems(exc: Exception) -> str:

@@ -1,5 +1,5 @@
 """What this process knows of each model, one record per model, and the read-only view of it that
-requests, readiness, the index and the metrics use (DESIGN 2.1).
+requests, readiness, the index and the metrics use (docs/design.md 2.1).
 
 A ModelRecord holds all a model's state in one place: its versions, the files refused, its
 serving.json as last read, what an admin holds, the previous scan and its lock. The records are
@@ -96,7 +96,8 @@ class Catalogue:
         name = name or self.default_model
         if name is None:
             raise InvalidParameter(f"model: required, this service serves several models "
-                                   f"({', '.join(self._names())}); STEPNET_DEFAULT_MODEL sets a default")
+                                   f"({', '.join(self._names())}); STEPNET_DEFAULT_MODEL or the repository's "
+                                   f"repository.json sets a default")
         versions = {v: r for v, r in self._versions_of(name).items() if r.state.listed}
         if not versions or self._models[name].held:
             raise ModelNotFound(f"no model {name!r} is loaded; loaded: {', '.join(self._names()) or 'none'}")

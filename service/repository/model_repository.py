@@ -1,5 +1,5 @@
 """The versions this process serves, brought in line with the model repository on disk
-(DESIGN 2.1, docs/model-repository.md): what syncs, loads and retires.
+(docs/design.md 2.1, docs/model-repository.md): what syncs, loads and retires.
 
     <root>/<model>/<version>/model.onnx (+ model.fp16.onnx, model.int8.onnx) and model.json
 
@@ -80,11 +80,23 @@ class Repository(Catalogue):
         if not names:
             raise ModelLoadError(f"model repository {self.root}: no model to serve (expected "
                                  f"<model>/<version>/model.onnx and model.json)")
-        default = self.settings.default_model
-        if default is not None and default not in names:
-            raise ModelLoadError(f"STEPNET_DEFAULT_MODEL={default} is not in {self.root} "
-                                 f"(models: {', '.join(names)})")
-        self.default_model = default or (names[0] if len(names) == 1 else None)
+        self.default_model = self._default(names)
+
+    def _default(self, names: list[str]) -> str | None:
+        """The one rule for the model a request that names none is for (REST's /predict and
+        /stiffness, the page): STEPNET_DEFAULT_MODEL, else the only model, else repository.json's
+        default_model, else none (a request must name one). A named model that is not in the
+        repository stops the start."""
+        named = self.files.run_blocking(self.root / serving_config.REPOSITORY_FILE,
+                                        serving_config.REPOSITORY_FILE, serving_config.read_repository,
+                                        self.root).default_model
+        chosen = self.settings.default_model
+        for source, name in (("STEPNET_DEFAULT_MODEL", chosen),
+                             (f"{serving_config.REPOSITORY_FILE}: default_model", named)):
+            if name is not None and name not in names:
+                raise ModelLoadError(f"{source}={name} is not a model of {self.root} "
+                                     f"(models: {', '.join(names)})")
+        return chosen or (names[0] if len(names) == 1 else named)
 
     # ------------------------------------------------------------ bringing versions up and down
 

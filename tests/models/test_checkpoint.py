@@ -110,3 +110,16 @@ def test_loading_never_unpickles(saved, monkeypatch):
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(torch, "load", refuse)
     checkpoint.load(saved[1])
+
+
+def test_the_recorded_data_folder_is_used_until_it_is_gone(tmp_path):
+    folder = tmp_path / "my-images"
+    folder.mkdir()
+    config = {"dataset": "imagefolder", "data_dir": str(folder)}
+    assert checkpoint.data_dir(config, "imagefolder", None) == folder
+    assert checkpoint.data_dir(config, "imagefolder", tmp_path / "elsewhere") == tmp_path / "elsewhere"
+    assert checkpoint.data_dir(config, "cifar10", None) is None        # another data set: not its folder
+    assert checkpoint.data_dir({"dataset": "digits", "data_dir": None}, "digits", None) is None
+    folder.rmdir()
+    with pytest.raises(checkpoint.CheckpointError, match="trained on .*my-images, which is no longer there"):
+        checkpoint.data_dir(config, "imagefolder", None)

@@ -72,3 +72,18 @@ def test_overrides_and_defaults_by_depth():
         recipes.recipe("imagenet-21k")
     with pytest.raises(UserError, match="must be positive"):
         recipes.recipe("cifar", epochs=0)
+
+
+@pytest.mark.parametrize("images, processes, batch", [(1437, 1, 64), (45, 1, 8), (60, 2, 4), (9, 1, 2)])
+def test_a_small_training_set_gets_a_batch_that_fits(images, processes, batch, capsys):
+    from models.distributed import Context
+    from models.train import MIN_STEPS_PER_EPOCH, _fitted
+
+    fitted = _fitted(recipes.recipe("cifar"), images, Context(torch.device("cpu"), "test", world_size=processes))
+    assert fitted.batch_size == batch
+    said = capsys.readouterr().err
+    if batch == 64:
+        assert said == ""
+    else:
+        assert f"batch size {batch} per process instead" in said
+        assert (images // processes) // batch >= min(MIN_STEPS_PER_EPOCH, (images // processes) // 2)

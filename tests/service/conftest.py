@@ -38,7 +38,7 @@ class Server:
     """A service process: `stepnet serve` or `python -m uvicorn service.main:app`."""
 
     def __init__(self, repository: Path, log_path: Path, settings: dict[str, str | None], cli: bool,
-                 launcher: tuple[str, ...] = ()):
+                 launcher: tuple[str, ...] = (), python: str = sys.executable, cwd: Path = ROOT):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("STEPNET_")}
@@ -47,14 +47,14 @@ class Server:
         self.grpc_port = int(env["STEPNET_GRPC_PORT"])
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         if cli:
-            cmd = [sys.executable, *launcher, "-m", "stepnet.cli", "serve", "--host", "127.0.0.1",
+            cmd = [python, *launcher, "-m", "stepnet.cli", "serve", "--host", "127.0.0.1",
                    "--port", str(self.port)]
         else:
-            cmd = [sys.executable, *launcher, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1",
+            cmd = [python, *launcher, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1",
                    "--port", str(self.port), "--timeout-graceful-shutdown", "20"]
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT)
         self.readiness_seen: list[int] = []     # /readyz statuses while starting, in order
 
     def log(self) -> str:
@@ -168,17 +168,21 @@ def single_model_repository(tmp_path_factory, default_model) -> Path:
 
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory):
-    """start_server(repository, cli=False, wait=True, launcher=(), environ=None, **settings) -> a
-    ready Server. A setting is STEPNET_<NAME>, except OTEL_* variables, which pass as they are;
-    `environ` sets other variables (None: unset), and `launcher` runs the server's module under
-    a wrapper (python *launcher -m stepnet.cli ...: tests.service.cuda_stand_in)."""
+    """start_server(repository, cli=False, wait=True, launcher=(), environ=None, python=None,
+    cwd=None, **settings) -> a ready Server. A setting is STEPNET_<NAME>, except OTEL_* variables,
+    which pass as they are; `environ` sets other variables (None: unset), `launcher` runs the
+    server's module under a wrapper (python *launcher -m stepnet.cli ...:
+    tests.service.cuda_stand_in), and `python` and `cwd` run it with another interpreter from
+    another folder (an installed venv's: tests/service/test_serving_install.py)."""
     servers = []
 
     def start(repository: Path, cli: bool = False, wait: bool = True, launcher: tuple[str, ...] = (),
-              environ: dict[str, str | None] | None = None, **settings) -> Server:
+              environ: dict[str, str | None] | None = None, python: str | None = None,
+              cwd: Path | None = None, **settings) -> Server:
         log_path = tmp_path_factory.mktemp("server") / "server.log"
         env = {k if k.startswith("OTEL_") else f"STEPNET_{k.upper()}": str(v) for k, v in settings.items()}
-        server = Server(repository, log_path, env | (environ or {}), cli, launcher)
+        server = Server(repository, log_path, env | (environ or {}), cli, launcher, python or sys.executable,
+                        cwd or ROOT)
         servers.append(server)
         return server.wait_ready() if wait else server
 

@@ -1,6 +1,7 @@
 """`stepnet serve` refuses what it cannot serve in one line (exit 2), before starting a server."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,6 +29,20 @@ def test_empty_repository_and_unknown_default_model(tmp_path, repository):
     assert result.returncode == 2 and "no model to serve" in result.stderr
     result = serve("--model-repository", repository, STEPNET_DEFAULT_MODEL="nope")
     assert result.returncode == 2 and "STEPNET_DEFAULT_MODEL=nope" in result.stderr
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"default_model": "nope"}', "repository.json: default_model=nope is not a model of"),
+    ('{"default": "stepnet-digits"}', "repository.json is invalid: default: Extra inputs"),
+    ("{", "repository.json is invalid: not JSON"),
+])
+def test_a_wrong_repository_json_stops_the_start(tmp_path, repository, content, message):
+    root = tmp_path / "repository"
+    shutil.copytree(repository, root)
+    (root / "repository.json").write_text(content)
+    result = serve("--model-repository", root)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_invalid_setting():
