@@ -1,6 +1,6 @@
 # StepNet serving image: the FastAPI service on ONNX Runtime (CUDA provider, CPU fallback), with the
 # default model from model_repository/ baked in at /models. No torch: the contract between training
-# and serving is the model repository alone (DESIGN 2). Deploying it: docs/deploy.md.
+# and serving is the model repository alone (docs/design.md 2). Deploying it: docs/deploy.md.
 #
 #   docker build -t stepnet .
 #   docker run --gpus all -p 8000:8000 -p 8001:8001 stepnet           # the baked-in default model (REST, gRPC)

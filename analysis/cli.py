@@ -20,6 +20,7 @@ def parse_sparse_k(text: str) -> tuple[int, ...]:
 
 
 def _cmd_analyze(args) -> int:
+    from analysis.report import chance_warning
     from analysis.study import AnalysisConfig, analyze
 
     cfg = AnalysisConfig(out=args.out, dataset=args.dataset, data_dir=args.data_dir, depth=args.depth,
@@ -32,6 +33,8 @@ def _cmd_analyze(args) -> int:
     fam = results["families"]
     print("  ".join(f"{f} {100 * s['accuracy_mean']:.2f}%" for f, s in fam.items()))
     print(f"report written to {args.out / 'report.md'} ({results['seconds'] / 60:.1f} minutes)")
+    if warning := chance_warning(results):      # also with --quiet: it is about the results
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

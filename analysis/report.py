@@ -88,6 +88,46 @@ def _variation(profile: list, defined: list[int]) -> float:
     return 100 * statistics.pstdev(values) / statistics.fmean(values)
 
 
+CHANCE_MARGIN = 0.05        # the least distance above chance that counts as having learned
+
+
+def chance_margin(classes: int, test_images: int) -> float:
+    """How far above chance (1 / classes) a mean test accuracy must be to count as learned:
+    the larger of CHANCE_MARGIN (5 points) and three standard errors of a classifier that
+    guesses, sqrt(c (1 - c) / n) with c = 1 / classes on n test images (on 360 digits 4.7
+    points, on 60 images 11.6). Within it, an accuracy is what guessing gives on a test set of
+    that size."""
+    chance = 1 / classes
+    return max(CHANCE_MARGIN, 3 * math.sqrt(chance * (1 - chance) / test_images))
+
+
+def chance_warning(r: dict) -> str | None:
+    """One sentence naming the families (and sparse runs) whose mean test accuracy is at chance,
+    or None. Chance is 1 / the number of classes: the splits are stratified, so a model that
+    guesses, or always answers one class, scores about that. "At chance" means below chance plus
+    chance_margin(). Such models have learned next to nothing: the comparisons of accuracy
+    between them and the rank correlations of their step size with NSI are noise, whatever the
+    report's numbers say. Results that do not record their number of classes get no warning."""
+    if not r.get("classes"):
+        return None
+    chance, margin = 1 / r["classes"], chance_margin(r["classes"], r["test_images"])
+    runs = {**{f: s["accuracy_mean"] for f, s in r["families"].items()},
+            **{row["label"]: row["accuracy_mean"] for row in r["sparse"][1:-1]}}
+    low = [(label, accuracy) for label, accuracy in runs.items() if accuracy < chance + margin]
+    if not low:
+        return None
+    named = [f"{label} {percent(accuracy)}" for label, accuracy in low]
+    names = named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
+    what = ("the comparisons between families and the rank correlations of step size with NSI in "
+            "this report mean nothing" if len(low) == len(runs) else
+            f"every comparison with {'it' if len(low) == 1 else 'them'} and "
+            f"{'its' if len(low) == 1 else 'their'} rank correlations of step size with NSI mean nothing")
+    return (f"{names} {'is' if len(low) == 1 else 'are'} at chance level ({percent(chance)} for "
+            f"{r['classes']} classes; below {percent(chance + margin)} counts as chance on "
+            f"{r['test_images']} test images). A model there has learned next to nothing, so {what}; "
+            "train longer or on more images.")
+
+
 def summary(r: dict) -> list[str]:
     fam, defined = r["families"], _defined(r)
     ranked = sorted(fam, key=lambda f: -round(fam[f]["accuracy_mean"], 9))
@@ -163,11 +203,12 @@ def _introduction(r: dict) -> list[str]:
         + (f" ({r['split']})" if r.get("split") else "")
         + ". Every number below is in `results.json` beside this file.",
         "",
-        "NSI is the neural stiffness index of DESIGN.md section 1.1: per sample and block, "
+        "NSI is the neural stiffness index of docs/design.md section 1.1: per sample and block, "
         "||f_t - f_{t-1}|| / ||x_t - x_{t-1}||, the secant estimate of the dominant Jacobian "
         "eigenvalue; undefined for the first block of a stage. The step size h is the adaptor's "
         "output averaged over channels (1 for resnet).",
         "",
+        *(["**Warning**: " + warning, ""] if (warning := chance_warning(r)) else []),
         "## Summary",
         "",
         *summary(r),
@@ -282,7 +323,7 @@ def _step_size_section(r: dict) -> list[str]:
 def _stage_ratio_section(r: dict) -> list[str]:
     stages = list(dict.fromkeys(row["stage"] for row in r["layers"]))
     return _section("## 4. Stage stiffness ratios", [
-        "max NSI / min NSI over the blocks of a stage where NSI is defined (DESIGN.md 1.1), per test "
+        "max NSI / min NSI over the blocks of a stage where NSI is defined (docs/design.md section 1.1), per test "
         "sample; the median over samples, then mean ± std over seeds.",
         "",
         "| family | " + " | ".join(f"stage {s}" for s in stages) + " |",

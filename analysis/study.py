@@ -1,4 +1,4 @@
-"""`stepnet analyze`: what the diagnostics of DESIGN 1.3 mean, measured on trained models (issue 8).
+"""`stepnet analyze`: what the diagnostics of docs/design.md 1.3 mean, measured on trained models (issue 8).
 
 Trains (or loads) resnet, se and stepnet at one depth over several seeds, runs each over the test
 split with diagnostics, and computes:
@@ -9,7 +9,7 @@ split with diagnostics, and computes:
    as the paper's figure (per-sample curves, mean, envelope), and NSI times the previous
    block's step size, since x_t - x_(t-1) = h_(t-1) ⊙ f_(t-1) makes NSI's level follow 1/h;
 3. step size against NSI: Spearman rank correlation across layers and within each layer;
-4. stage stiffness ratios (DESIGN 1.1);
+4. stage stiffness ratios (docs/design.md 1.1);
 5. sparse adaptors: StepNet with an adaptor only at the k blocks of highest reference NSI, where
    the reference is resnet's NSI on training images (the network the adaptors would be added to),
    against all blocks (stepnet) and none (resnet: a stepnet without adaptors is the same network).
@@ -536,7 +536,8 @@ def analyze(cfg: AnalysisConfig, log: Callable[[str], None] = lambda message: No
         "adaptor_bias": cfg.adaptor_bias,
         "split": data.split_description(recipe.dataset, cfg.data_dir),
         "train_images": train_images, "train_subset": train_images < train_size,
-        "test_images": len(runner.test_set), "reference_images": len(reference_set),
+        "test_images": len(runner.test_set), "classes": len(runner.info.classes),
+        "reference_images": len(reference_set),
         **_summarize(layers, runs, sparse_runs, reference_nsi),
         "runs": _run_rows(all_runs, given),
         "jobs": jobs, "cores": len(os.sched_getaffinity(0)),

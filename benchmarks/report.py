@@ -70,7 +70,7 @@ def _introduction(results: dict) -> list[str]:
 
 
 def _targets(targets: list[dict]) -> list[str]:
-    return ["## Targets (issues 6 and 17)", ""] + _table(
+    return ["## Targets", ""] + _table(
         ["target", "model", "measured", "limit", "met"],
         [[t["what"], t["model"], _value(t), t["limit"],
           "n/a" if t["met"] is None else "yes" if t["met"] else "**no**"] for t in targets])

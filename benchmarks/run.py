@@ -75,15 +75,15 @@ TARGETS = (
     ("diagnostics_cost_b1", "latency with diagnostics outputs / without - 1, batch 1",
      "stepnet50", 0.05, False),
     ("service_vs_raw_throughput_c1", "service req/s / raw decode + pre-process + session.run "
-     "images/s, concurrency 1 (issue 17)", "stepnet50", 0.95, True),
+     "images/s, concurrency 1", "stepnet50", 0.95, True),
     ("service_vs_raw_throughput_c4", "service req/s / raw session.run images/s at the batch the "
-     "batcher formed, concurrency 4 (issue 17)", "stepnet50", 0.95, True),
+     "batcher formed, concurrency 4", "stepnet50", 0.95, True),
     ("service_vs_raw_throughput_c16", "service req/s / raw session.run images/s at the batch the "
-     "batcher formed, concurrency 16 (issue 17)", "stepnet50", 0.95, True),
-    ("service_p50_minus_raw_c1_ms", "service p50 - raw end-to-end p50 (ms), concurrency 1 (issue 17)",
+     "batcher formed, concurrency 16", "stepnet50", 0.95, True),
+    ("service_p50_minus_raw_c1_ms", "service p50 - raw end-to-end p50 (ms), concurrency 1",
      "stepnet50", 3.0, False),
-    ("train_stepnet50_vs_resnet50", "training images/s, StepNet-50 / torchvision ResNet-50, fp32 "
-     "(issue 12)", "stepnet50", 0.85, True),
+    ("train_stepnet50_vs_resnet50", "training images/s, StepNet-50 / torchvision ResNet-50, fp32",
+     "stepnet50", 0.85, True),
 )
 
 

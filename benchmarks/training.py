@@ -3,7 +3,7 @@ backward, optimizer step) on synthetic data, so that the data loader is not what
 
 - StepNet-50 at 224x224 against torchvision's resnet50, same device, precision and batch, steps
   taking turns between the two; StepNet's images/s over ResNet-50's is the figure of interest
-  (goal: >= 0.85). StepNet-50 pays for its adaptors and for the stiffness norms (DESIGN 1.1) in
+  (goal: >= 0.85). StepNet-50 pays for its adaptors and for the stiffness norms (docs/design.md 1.1) in
   every block; ResNet-50 is post-activation with neither.
 - The default digits model (StepNet-20, 32x32, batch 64).
 - Each in fp32 and bf16 on the CPU (and fp16 on a GPU), channels_last on a GPU.

@@ -1,4 +1,4 @@
-"""Checkpoint -> ONNX model repository (DESIGN 1.3, 1.4, 2.1): BatchNorm folding, one fused
+"""Checkpoint -> ONNX model repository (docs/design.md 1.3, 1.4, 2.1): BatchNorm folding, one fused
 `ai.stepnet` node per residual block, diagnostics outputs, verification against PyTorch, the
 calibration profile and atomic writes.
 

@@ -1,4 +1,4 @@
-"""The calibration profile of DESIGN 1.3, measured on the exported graph with ONNX Runtime over
+"""The calibration profile of docs/design.md 1.3, measured on the exported graph with ONNX Runtime over
 real test images: per layer, the mean and standard deviation (ddof 0) of the step size (the
 per-sample channel mean of h_t) and of ln NSI (null for the first block of a stage, where NSI is
 undefined), and per stage the stiffness ratio (the median over samples of max NSI / min NSI),

@@ -1,6 +1,6 @@
 """The export form of a model: the same function with BatchNorm folded away and fused steps.
 
-Pre-activation blocks put each BatchNorm before a ReLU (DESIGN 1.4, models/net.py):
+Pre-activation blocks put each BatchNorm before a ReLU (docs/design.md 1.4, models/net.py):
 
 - bn2 (and bn3 in bottlenecks) follow a convolution directly, and the ImageNet-style stem's BN
   follows the stem convolution: each folds into that convolution's weights and bias.

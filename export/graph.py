@@ -1,5 +1,5 @@
 """Checkpoint model -> ONNX graph: BatchNorm folded (fold.py), one `ai.stepnet` node per residual
-block (steps.py), a dynamic batch dimension, and the diagnostics as graph outputs (DESIGN 1.3-1.4).
+block (steps.py), a dynamic batch dimension, and the diagnostics as graph outputs (docs/design.md 1.3-1.4).
 
     input      [batch, C, H, W] float32
     logits     [batch, K]
@@ -27,7 +27,7 @@ SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 
 
 class GraphError(RuntimeError):
-    """The exported graph is not what DESIGN 1.4 promises (a bug, not a user mistake)."""
+    """The exported graph is not what docs/design.md 1.4 promises (a bug, not a user mistake)."""
 
 
 class _WithDiagnostics(nn.Module):

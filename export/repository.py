@@ -1,4 +1,4 @@
-"""The model repository on disk (DESIGN 2.1, docs/model-repository.md):
+"""The model repository on disk (docs/design.md 2.1, docs/model-repository.md):
 
     <repository>/<name>/<version>/model.onnx, model.json (+ variants such as model.fp16.onnx)
 

@@ -1,4 +1,4 @@
-"""The fused adaptive-step operator of DESIGN 1.4: one `ai.stepnet` node per residual block.
+"""The fused adaptive-step operator of docs/design.md 1.4: one `ai.stepnet` node per residual block.
 
 Each block's step `x_next = x + h * f` (with its diagnostics) becomes ONE node whose op type names
 the step's kind, e.g. `ai.stepnet::StiffnessAwareStep` or, for the first block of a stage (no
@@ -90,7 +90,7 @@ def kind_of(block: net.Block) -> StepKind:
 
 class StepKernel(nn.Module):
     """A step of one kind as a pure function of its tensors (weights included), in the order of
-    `kind.inputs`. It runs the model's own Step code (DESIGN 1.1-1.2) with the given weights."""
+    `kind.inputs`. It runs the model's own Step code (docs/design.md 1.1-1.2) with the given weights."""
 
     def __init__(self, kind: StepKind):
         super().__init__()
@@ -185,4 +185,4 @@ def function_proto(kind: StepKind, opset: int) -> onnx.FunctionProto:
     return onnx.helper.make_function(
         STEP_DOMAIN, kind.op_type, list(kind.inputs), list(OUTPUTS), constants + list(graph.node),
         opset_imports=[onnx.helper.make_opsetid("", opset)],
-        doc_string=f"x_next = x + h * f with its diagnostics (DESIGN 1.4); adaptor {kind.adaptor}")
+        doc_string=f"x_next = x + h * f with its diagnostics (docs/design.md 1.4); adaptor {kind.adaptor}")

@@ -1,4 +1,4 @@
-"""Datasets: the embedded digits set (DESIGN 2.2), Fashion-MNIST (fetched once by `stepnet data
+"""Datasets: the embedded digits set (docs/design.md 2.2), Fashion-MNIST (fetched once by `stepnet data
 fashion-mnist`, models.fashion_mnist), CIFAR-10/100 and ImageFolder from local folders.
 
 Nothing is downloaded here. Every dataset yields PIL images through torchvision transforms v2, so the

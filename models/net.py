@@ -1,10 +1,10 @@
 """StepNet and its baselines: one pre-activation ResNet backbone, three step-size adaptors.
 
-A residual network is forward Euler on dx/dt = f(x, t) (DESIGN 1):
+A residual network is forward Euler on dx/dt = f(x, t) (docs/design.md 1):
 
     resnet    x_next = x + 1   * f
     se        x_next = x + h(f) * f
-    stepnet   x_next = x + h(f, s) * f        s: channel stiffness of DESIGN 1.1
+    stepnet   x_next = x + h(f, s) * f        s: channel stiffness of docs/design.md 1.1
 
 The three families differ only in the adaptor that yields h. Blocks are pre-activation blocks
 (He et al., "Identity Mappings in Deep Residual Networks"), also for the ImageNet-style depths,
@@ -59,7 +59,7 @@ class NetConfig:
         return self.depth in IMAGENET_DEPTHS
 
 
-# ---------------------------------------------------------------- step-size adaptors (DESIGN 1.2)
+# -------------------------------------------------------- step-size adaptors (docs/design.md 1.2)
 # Each adaptor names its fused ONNX node (op_name: ai.stepnet::<op_name>Step, <op_name>FirstStep)
 # and lists its weights in that node's input order: (node input, parameter) pairs.
 
@@ -107,7 +107,7 @@ def make_adaptor(family: str, channels: int, reduction: int) -> nn.Module:
     return adaptor() if adaptor is ConstantAdaptor else adaptor(channels, reduction)
 
 
-# ---------------------------------------------------------------- the step (DESIGN 1.4: one node when exported)
+# -------------------------------------------------------- the step (docs/design.md 1.4: one node when exported)
 
 class Predecessor(NamedTuple):
     """x_{t-1} and f_{t-1}: the previous block of the same stage."""
@@ -190,7 +190,7 @@ BRANCHES: dict[str, type[Branch]] = {"basic": BasicBranch, "bottleneck": Bottlen
 class Block(nn.Module):
     """A residual block: its branch f_t, the skip path x_t (the shortcut's projection where the
     shape changes), and the step x_{t+1} = x_t + h_t * f_t. `first`: first block of its stage,
-    which has no predecessor, so s_t = 0 and NSI_t is undefined (DESIGN 1.1)."""
+    which has no predecessor, so s_t = 0 and NSI_t is undefined (docs/design.md 1.1)."""
 
     def __init__(self, branch: nn.Module, shortcut: nn.Module | None, step: Step, first: bool):
         super().__init__()

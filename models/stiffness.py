@@ -1,4 +1,4 @@
-"""The stiffness estimates of DESIGN 1.1, implemented once for the model, the export and the tests.
+"""The stiffness estimates of docs/design.md 1.1, implemented once for the model, the export and the tests.
 
 For consecutive blocks t-1, t of one stage, x is the value on the skip path (the block input,
 projected by the shortcut in a stage's first block) and f the raw residual branch output.

@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stepnet",
         description="StepNet: train, evaluate, export and serve image classifiers whose residual "
-                    "blocks take adaptive, stiffness-aware step sizes (DESIGN.md section 1).")
+                    "blocks take adaptive, stiffness-aware step sizes (docs/design.md section 1).")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     parser.add_argument("--version", action="version", version=f"stepnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

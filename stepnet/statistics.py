@@ -1,4 +1,4 @@
-"""The statistics of DESIGN 1 that more than one side computes, once, in numpy: the export's
+"""The statistics of docs/design.md 1 that more than one side computes, once, in numpy: the export's
 calibration profile, the service's live statistics and the stiffness analysis all call these.
 
 Inputs are the graph's outputs: step_size (N, L, 3), whose [..., STEP_MEAN] is the channel mean
@@ -12,7 +12,7 @@ TINY = 1e-12        # NSI is a ratio of norms: log(0) would be -inf
 
 def stage_stiffness_ratio(nsi: np.ndarray, stages: list[int]) -> np.ndarray:
     """Per sample and stage, max_t NSI_t / min_t NSI_t over the stage's blocks where NSI is
-    defined (DESIGN 1.1): (N, S) in stage order, NaN for a stage with no defined NSI."""
+    defined (docs/design.md 1.1): (N, S) in stage order, NaN for a stage with no defined NSI."""
     nsi = np.asarray(nsi, np.float64)
     out = np.full((nsi.shape[0], len(dict.fromkeys(stages))), np.nan)
     for k, stage in enumerate(dict.fromkeys(stages)):
@@ -62,7 +62,7 @@ def layer_moments(step_mean: np.ndarray, nsi: np.ndarray) -> list[dict]:
 
 def drift(live_log_nsi_mean: float | None, reference_mean: float | None,
           reference_std: float | None) -> float | None:
-    """Live mean ln NSI minus the reference mean, in reference standard deviations (DESIGN 1.3)."""
+    """Live mean ln NSI minus the reference mean, in reference standard deviations (docs/design.md 1.3)."""
     if live_log_nsi_mean is None or reference_mean is None or not reference_std:
         return None
     return (live_log_nsi_mean - reference_mean) / reference_std

@@ -21,8 +21,8 @@ class LayerDiagnostics(BaseModel):
     name: str
     stage: int
     block: int
-    step_size: StepSize = Field(description="the adaptor's h over the block's channels (DESIGN 1.3)")
-    nsi: float | None = Field(description="neural stiffness index (DESIGN 1.1); null for the first "
+    step_size: StepSize = Field(description="the adaptor's h over the block's channels (docs/design.md 1.3)")
+    nsi: float | None = Field(description="neural stiffness index (docs/design.md 1.1); null for the first "
                                           "block of a stage")
 
 

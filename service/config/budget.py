@@ -1,5 +1,5 @@
 """The connection budget: one set of connection-level limits, configured once, that both listeners
-apply (DESIGN 2.4). The HTTP listener applies it in service.api.http_limits, the gRPC listener through
+apply (docs/design.md 2.4). The HTTP listener applies it in service.api.http_limits, the gRPC listener through
 grpc core's channel arguments (service.grpc_api.grpc_server).
 
 STEPNET_MAX_CONNECTIONS counts the client connections of the whole process. With gRPC on, a

@@ -1,4 +1,4 @@
-"""What every transport does with a request, whichever wire it came on (DESIGN 2.4): the model
+"""What every transport does with a request, whichever wire it came on (docs/design.md 2.4): the model
 lookup and its lease, the admin key, the request's deadline, and inference with its statistics.
 REST's dependencies (service.api.deps) and the gRPC servicer (service.grpc_api.grpc_server) both
 call these; neither repeats them.

@@ -1,5 +1,5 @@
 """One exception hierarchy for the service: every error a client can cause has its own class with
-an HTTP status and a stable `code`. It is the data plane's (DESIGN 2.4) and imports no web
+an HTTP status and a stable `code`. It is the data plane's (docs/design.md 2.4) and imports no web
 framework: each transport maps it to its wire once, REST in service.api.error_responses (JSON bodies, the
 status on the class), gRPC in service.grpc_api.grpc_server (a status code per HTTP status).
 """

@@ -3,7 +3,7 @@
 `inference.GRPCInferenceService` comes from tritonclient's generated stubs
 (`tritonclient.grpc.service_pb2*`, built by Triton from the protocol's .proto): they hold the
 servicer base class and every RPC, the repository extension's included, without a .proto copied
-here or a generation step at build time (README, Decisions). The standard `grpc.health.v1`
+here or a generation step at build time (docs/decisions.md). The standard `grpc.health.v1`
 service comes from grpcio-health-checking.
 
 Every RPC goes through what REST uses: the repository (leases, versions), the batchers (gRPC and

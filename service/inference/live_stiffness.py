@@ -1,5 +1,5 @@
 """Live stiffness statistics of one model version: the last requests' step sizes and NSI
-(DESIGN 1.3) in a ring buffer, summarized on demand against the export's reference profile.
+(docs/design.md 1.3) in a ring buffer, summarized on demand against the export's reference profile.
 
 Recording costs one locked copy per batch (in the inference thread); statistics are computed
 only when /stiffness or /metrics asks. The summary is typed here, where it is made; REST returns
@@ -56,7 +56,7 @@ class StageStiffness(BaseModel):
     stage: int
     stiffness_ratio: StiffnessRatio = Field(
         description="per request, the largest over the smallest NSI of the stage's blocks; the "
-                    "median over requests (DESIGN 1.1)")
+                    "median over requests (docs/design.md 1.1)")
 
 
 class StiffnessResponse(BaseModel):

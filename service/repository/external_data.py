@@ -8,7 +8,7 @@ the working directory to every client as its logits). The project's exporter nev
 external data, so the service refuses it rather than confine it, at two depths:
 
 - external_tensors() finds such tensors in the graph's bytes before any session is made, with
-  a minimal protobuf walk (no onnx package in the service: DESIGN 2), so that the version is
+  a minimal protobuf walk (no onnx package in the service: docs/design.md 2), so that the version is
   refused with a reason that names them;
 - service.inference.sessions points ONNX Runtime's folder for a graph loaded from bytes
   (`session.model_external_initializers_file_folder_path`) at a path under /dev/null, where no

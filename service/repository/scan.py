@@ -1,4 +1,4 @@
-"""What the model repository holds on disk (DESIGN 2.1): pure functions of the file system, run
+"""What the model repository holds on disk (docs/design.md 2.1): pure functions of the file system, run
 by service.repository.model_repository in a thread with a deadline (service.repository.model_files).
 A version folder's signature tells a folder replaced or still being written from one unchanged;
 service.repository.planning compares signatures, it never reads the disk.

@@ -1,4 +1,4 @@
-"""The model repository's contract, shared by the export and the service (DESIGN 2.1), free of
+"""The model repository's contract, shared by the export and the service (docs/design.md 2.1), free of
 torch and onnxruntime: names and the version rule, file names, the metadata of model.json, and
 the states a served version goes through."""
 

@@ -13,9 +13,9 @@ VARIANT_FILES = {"fp32": MODEL_FILE, "fp16": "model.fp16.onnx", "int8": "model.i
 METADATA_KEY = "stepnet"              # metadata_props key of the graph's copy of model.json
 PARTIAL, REPLACED = ".partial-", ".replaced-"
 
-STEP_DOMAIN = "ai.stepnet"            # the fused step nodes (DESIGN 1.4)
+STEP_DOMAIN = "ai.stepnet"            # the fused step nodes (docs/design.md 1.4)
 STEP_DOMAIN_VERSION = 1
 INPUT = "input"
 OUTPUTS = ("logits", "step_size", "nsi")
-# step_size[..., k]: the mean, min and max over channels of the step size h_t (DESIGN 1.3)
+# step_size[..., k]: the mean, min and max over channels of the step size h_t (docs/design.md 1.3)
 STEP_MEAN, STEP_MIN, STEP_MAX = 0, 1, 2

@@ -1,4 +1,4 @@
-"""model.json (DESIGN 2.1, docs/model-repository.md) as pydantic models: the export builds one
+"""model.json (docs/design.md 2.1, docs/model-repository.md) as pydantic models: the export builds one
 and writes it through to_json(), the service reads it through parse(), so the two sides cannot
 disagree on a field. Validation runs on both sides: the export cannot write what the service
 would refuse.
@@ -73,7 +73,7 @@ class LayerProfile(_Meta):
 class StageProfile(_Meta):
     stage: int
     stiffness_ratio: float | None = Field(description="median over samples of max NSI / min NSI of "
-                                                      "the stage's blocks (DESIGN 1.1)")
+                                                      "the stage's blocks (docs/design.md 1.1)")
 
 
 class Profile(_Meta):

@@ -1,4 +1,4 @@
-"""The exported graph (DESIGN 1.4): one ai.stepnet node per residual block for every family,
+"""The exported graph (docs/design.md 1.4): one ai.stepnet node per residual block for every family,
 function bodies of standard operators only, no BatchNorm, outputs with a dynamic batch, and the
 same numbers as PyTorch on ONNX Runtime and on onnx.reference."""
 

@@ -1,4 +1,4 @@
-"""The networks: shapes for every family and depth, the DESIGN 1.1 formulas, the adaptors."""
+"""The networks: shapes for every family and depth, the docs/design.md 1.1 formulas, the adaptors."""
 
 import numpy as np
 import pytest
@@ -73,7 +73,7 @@ def test_nsi_matches_direct_computation(family):
 
 
 def test_stepnet_adaptor_reads_channel_stiffness():
-    """s_{t,c} of DESIGN 1.1, recomputed per channel, is what the stepnet adaptor receives."""
+    """s_{t,c} of docs/design.md 1.1, recomputed per channel, is what the stepnet adaptor receives."""
     torch.manual_seed(0)
     model = build("stepnet", 20, 10, in_channels=1).eval()
     seen = []

@@ -1,4 +1,4 @@
-"""A GPU host on any CPU (DESIGN 2.5): runs a module in a process where ONNX Runtime has a CUDA
+"""A GPU host on any CPU (docs/design.md 2.5): runs a module in a process where ONNX Runtime has a CUDA
 provider and NVML sees GPUs, so that the service's GPU code paths run in CI.
 
     CUDA_STAND_IN_GPUS=2 python -m tests.service.cuda_stand_in -m stepnet.cli serve ...

@@ -1,6 +1,6 @@
-"""The service on a GPU host, on any CPU: real `stepnet serve` processes under
-tests.service.cuda_stand_in, where ONNX Runtime has a CUDA provider and NVML sees GPUs (DESIGN
-2.5). Device choice, instance groups on a GPU list, the fp16 variant, IO binding, the GPU gauges
+"""The service on a GPU host, on any CPU: real `stepnet serve` processes under tests.service.cuda_stand_in,
+where ONNX Runtime has a CUDA provider and NVML sees GPUs (docs/design.md 2.5).
+Device choice, instance groups on a GPU list, the fp16 variant, IO binding, the GPU gauges
 with CUDA_VISIBLE_DEVICES' numbering, /models, /metrics and repository polling run as on a GPU
 host; the arithmetic is the CPU's, so answers are checked against a CPU session."""
 

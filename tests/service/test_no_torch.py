@@ -1,4 +1,4 @@
-"""The service imports no torch and nothing from models/ or export/ (DESIGN 2)."""
+"""The service imports no torch and nothing from models/ or export/ (docs/design.md 2)."""
 
 import os
 import subprocess
@@ -78,7 +78,7 @@ sys.exit(1 if problems else 0)
 
 
 def test_the_data_plane_imports_neither_fastapi_nor_grpc():
-    """DESIGN 2.4: errors, the repository, the batcher, the data plane and the rest of the domain
+    """docs/design.md 2.4: errors, the repository, the batcher, the data plane and the rest of the domain
     import without FastAPI, Starlette, uvicorn or grpc; the gRPC server imports nothing of REST."""
     result = subprocess.run([sys.executable, "-c", LAYERS], capture_output=True, cwd=ROOT, timeout=100)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()[-3000:]

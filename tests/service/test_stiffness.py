@@ -63,7 +63,7 @@ def test_stiffness_before_and_after_traffic(client, digits, encode, default_mode
             ref = profile[name]
             expected_drift = (np.log(nsi).mean() - ref["log_nsi_mean"]) / ref["log_nsi_std"]
             assert layer["drift"] == pytest.approx(expected_drift, rel=1e-4, abs=1e-5)
-        for stage in after["stages"]:       # DESIGN 1.1: per request max NSI / min NSI, then the median
+        for stage in after["stages"]:       # docs/design.md 1.1: per request max NSI / min NSI, then the median
             blocks = [row["name"] for row in meta["layers"] if row["stage"] == stage["stage"] and row["nsi_defined"]]
             per_request = [max(r[b]["nsi"] for b in blocks) / min(r[b]["nsi"] for b in blocks) for r in recent]
             assert stage["stiffness_ratio"]["live"] == pytest.approx(np.median(per_request), rel=1e-4)

@@ -33,7 +33,7 @@ TopK = Annotated[int, Query(ge=1, le=1000, description="how many classes to retu
 async def predict(request: Request, served: ServedModelDep, settings: SettingsDep,
                   top_k: TopK = 5) -> Response:
     """Classify one image and report, per residual block, the step size the adaptor chose and
-    the block's neural stiffness index (DESIGN 1.3)."""
+    the block's neural stiffness index (docs/design.md 1.3)."""
     started = time.perf_counter()
     async with deadline(settings.request_timeout_s) as request_deadline:
         data = await read_image(request, settings.max_upload_bytes)

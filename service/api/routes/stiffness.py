@@ -19,7 +19,7 @@ async def stiffness(served: ServedModelDep, settings: SettingsDep,
                     = DEFAULT_WINDOW) -> StiffnessResponse:
     """Per layer: the export's reference profile, live statistics over the last `window`
     requests and the drift of the live log-NSI mean; per stage: the stiffness ratio
-    (DESIGN 1.1). With no traffic yet, counts are 0 and live values null."""
+    (docs/design.md 1.1). With no traffic yet, counts are 0 and live values null."""
     if window > settings.stiffness_history:
         raise InvalidParameter(f"window: at most {settings.stiffness_history} requests are kept "
                                f"(STEPNET_STIFFNESS_HISTORY)")
