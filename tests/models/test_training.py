@@ -233,9 +233,10 @@ def test_bf16_autocast_follows_fp32_training_and_keeps_the_diagnostics(one_proce
 
 @pytest.mark.skipif(not native_bf16(), reason="bf16 is emulated on this CPU: the recipe would take 20 minutes")
 def test_bf16_autocast_trains_digits_to_97_percent(tmp_path):
-    """The whole digits recipe in bf16 reaches >= 97 %, and evaluates alike in both precisions."""
+    """The digits recipe shortened to 6 epochs in bf16 reaches >= 97 % (98.1 % measured; 33 s
+    against 80 s for the whole 15), and evaluates alike in both precisions."""
     out = tmp_path / "bf16"
-    result = run("train", "--precision", "bf16", "--quiet", "--out", out)
+    result = run("train", "--precision", "bf16", "--epochs", "6", "--quiet", "--out", out)
     assert result.returncode == 0, result.stderr
     config = checkpoint.read_config(out)
     assert config["precision"] == "bf16" and config["test_accuracy"] >= 0.97
