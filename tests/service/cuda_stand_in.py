@@ -21,7 +21,7 @@ Why a launcher in tests/ rather than a switch in service/: the service then hold
 and everything it does on a GPU host (choose_device, visible_gpus, placements, Session and its IO
 binding, pick_file, GpuCollector, the routes) runs unchanged in a real `stepnet serve` process;
 only onnxruntime's and NVML's answers are stand-ins. What this cannot show (CUDA kernels, real
-memory figures, fp16 speed) is what `make gpu-check` measures on a real GPU.
+memory figures, fp16 speed) is what `stepnet bench --parts gpu` measures on a real GPU.
 """
 
 import json
