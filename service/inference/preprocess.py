@@ -84,7 +84,7 @@ class Preprocessor:
 def _normalize_ink(image: Image.Image, side: int, margin: float) -> Image.Image:
     """normalize_ink on at most about side x side pixels: a larger image is first reduced by an
     integer box filter (as the JPEG draft does), so that a 16 Mpx scan costs what a phone
-    thumbnail does in time and memory (normalize_ink works on float copies of its input)."""
+    thumbnail does in time and memory (normalize_ink needs a mask the size of its input)."""
     factor = int(math.sqrt(image.width * image.height) // side)
     if factor > 1:
         image = image.reduce(factor)
