@@ -127,9 +127,9 @@ def test_two_models_with_their_own_batch_sizes_and_queue_limits(served, digit_pn
     serving = {name: m["serving"] for name, m in models(served).items()}
     assert serving["small:1"] == {"source": "serving.json", "max_batch_size": 2, "max_queue_size": 2,
                                   "max_queue_delay_ms": 3000.0, "variant": "fp32", "version_policy": "latest 2"}
-    assert (serving["big:1"]["max_batch_size"], serving["big:1"]["max_queue_size"]) == (8, 64)   # 64: environment
+    assert (serving["big:1"]["max_batch_size"], serving["big:1"]["max_queue_size"]) == (8, 256)   # the default
     # the alerts' denominator: each model's own queue bound, not the environment's
-    assert metric(served.url, "stepnet_queue_capacity", model="big") == 64
+    assert metric(served.url, "stepnet_queue_capacity", model="big") == 256
     assert metric(served.url, "stepnet_queue_capacity", model="small") == 2
 
     big = httpx.post(served.url + "/v2/models/big/infer", json=rows(digit_png, 8), timeout=30)
