@@ -14,7 +14,7 @@ DEFAULT_EPOCHS ?= 15
 MODEL_REPOSITORY ?= model_repository
 DEFAULT_MODEL := $(MODEL_REPOSITORY)/stepnet-digits/1
 
-.PHONY: serve test model checkpoint venv clean container-test bench fuzz screenshot
+.PHONY: serve test model checkpoint venv clean container-test bench fuzz screenshot gpu-wheels gpu-check
 
 venv: $(STAMP)
 
@@ -59,6 +59,19 @@ serve: $(SERVE_STAMP)
 # BENCH_ARGS="--quick" checks that it runs; "--wait-load 1.5" waits for a quiet machine first.
 bench: $(STAMP) | $(DEFAULT_MODEL)/model.json
 	$(BIN)/stepnet bench $(BENCH_ARGS)
+
+# Every GPU check in one run (benchmarks/gpu_check.py, README "GPU check"). `make gpu-wheels` here
+# packs the serving wheels for CPython 3.12 into .gpu-wheels/part-NN/, one device call each; on the
+# GPU host `make gpu-check OUT=$OUT` installs them offline and runs `stepnet bench --parts gpu`, a
+# real `stepnet serve` on CUDA and the fp16 parity, writing $OUT/report.md and report.json.
+# Here `make gpu-check GPU_CHECK_ARGS=--cpu-dry-run` runs the same on the CPU provider (about 20 s).
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+OUT ?= .gpu-check/out
+gpu-wheels:
+	$(GPU_CHECK_PYTHON) -m benchmarks.gpu_check prepare
+
+gpu-check:
+	$(GPU_CHECK_PYTHON) -m benchmarks.gpu_check run --out $(OUT) $(GPU_CHECK_ARGS)
 
 # mypy first ([tool.mypy] in pyproject.toml: stepnet, service, export, models), then every test
 test: $(STAMP)
