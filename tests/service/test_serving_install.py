@@ -1,7 +1,7 @@
 """Serving alone installs and runs on a Python other than 3.11: a venv built from the checkout with
 the serving extra only (`pip install '.[serve]'`, what `make serve` does), without torch, serves the
-committed model over REST and gRPC. Slow (a pip install per Python, about 20 s each from pip's
-cache), and part of `make test`."""
+committed model over REST and gRPC. Slow (a pip install, about 20 s from pip's cache), and part
+of `make test`."""
 
 import os
 import shutil
@@ -16,7 +16,9 @@ import tritonclient.grpc as grpcclient
 from tests.service.conftest import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-PYTHONS = ("3.12", "3.13")
+# 3.12, the GPU hosts' Python; 3.13 installed and served the same way when checked by hand
+# (2026-12-05), and is left out to keep `make test` short
+PYTHONS = ("3.12",)
 INSTALL_TIMEOUT_S = 600
 MAX_VENV_MB = 800          # measured: about 550 MB, 340 of them onnxruntime-gpu
 
