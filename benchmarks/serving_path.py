@@ -52,7 +52,7 @@ def thread_cpu(pid: int) -> dict[str, float]:
 
 def wrk(url: str, body: Path, concurrency: int, seconds: float, script: Path) -> dict:
     result = subprocess.run(
-        ["wrk", "-t", "2", "-c", str(concurrency), "-d", f"{seconds:g}s", "--latency", "-s", str(script),
+        ["wrk", "-t", str(min(2, concurrency)), "-c", str(concurrency), "-d", f"{seconds:g}s", "--latency", "-s", str(script),
          url + "/predict"], capture_output=True, text=True, timeout=seconds + 60,
         env={**os.environ, "WRK_BODY": str(body)}, check=True).stdout
 

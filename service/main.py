@@ -11,6 +11,7 @@ On SIGTERM uvicorn stops accepting connections and waits for the requests in fli
 import asyncio
 import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -25,6 +26,7 @@ from service.inference.preprocess import return_memory_to_the_os
 from service.repository.model_repository import Repository
 from service.telemetry import logs, tracing
 from service.telemetry.logs import RequestIdMiddleware
+from service.telemetry.thread_names import name_this_thread, set_os_name
 from service.telemetry.metrics import GpuCollector, Metrics, RequestMetricsMiddleware, StateCollector
 from stepnet.errors import UserError
 
@@ -45,6 +47,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         logs.configure(settings.log_level, settings.log_format)
         return_memory_to_the_os()
+        # asyncio.to_thread's pool (file reads, v2 decoding) as asyncio makes it, with names of its own
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(thread_name_prefix="asyncio", initializer=name_this_thread))
         if settings.max_queue_size < settings.max_batch_size:
             log.warning("STEPNET_MAX_QUEUE_SIZE=%d is below STEPNET_MAX_BATCH_SIZE=%d: batches never "
                         "exceed %d, and no request may carry more rows", settings.max_queue_size,
@@ -130,6 +135,7 @@ def serve(settings: Settings) -> None:
     from service.config.budget import ConnectionBudget
 
     logs.configure(settings.log_level, settings.log_format)   # before uvicorn's first line
+    set_os_name("event-loop")    # threads started later inherit it unless they name themselves
     app = create_app(settings)
     limits = ConnectionBudget.of(settings)
     failures: list[Exception] = []

@@ -48,6 +48,7 @@ from opentelemetry import context as otel_context
 from service.telemetry import tracing
 from service.core.errors import InferenceFailed, Overloaded, ShuttingDown
 from service.telemetry.metrics import PROTOCOL, ModelMetrics
+from service.telemetry.thread_names import name_this_thread
 from service.telemetry.logs import REQUEST_ID
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,8 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._closing = False
         for instance in self.instances:
-            instance.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}-{instance.name}")
+            instance.executor = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}-{instance.name}",
+                                                   initializer=name_this_thread)
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()     # batches being run, and instances being probed
 

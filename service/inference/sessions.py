@@ -12,6 +12,7 @@ import onnxruntime as ort
 
 from service.core.errors import ModelLoadError
 from service.inference.placement import CPU, CUDA, Device
+from service.telemetry.thread_names import os_thread_name
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,12 @@ def session_options(intra_op_threads: int | None) -> ort.SessionOptions:
 
 def _create(model: bytes, device: Device, gpu: int | None, intra_op_threads: int,
             label: str) -> ort.InferenceSession:
+    with os_thread_name("onnxruntime"):        # the intra-op pool's threads take this name
+        return _session(model, device, gpu, intra_op_threads, label)
+
+
+def _session(model: bytes, device: Device, gpu: int | None, intra_op_threads: int,
+             label: str) -> ort.InferenceSession:
     if device.kind == "cuda":
         cuda_options = {"device_id": gpu or 0, "cudnn_conv_algo_search": "HEURISTIC",
                         "do_copy_in_default_stream": True}

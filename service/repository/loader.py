@@ -25,6 +25,7 @@ from service.core.errors import ModelLoadError
 from service.repository.external_data import external_tensors
 from service.repository.model_json import ModelMetadata, read_metadata
 from service.telemetry.metrics import Metrics
+from service.telemetry.thread_names import name_this_thread
 from service.repository.model_files import MAX_GRAPH_BYTES, FileCalls, read_file
 from service.inference.placement import Device, choose_device, placements
 from service.inference.sessions import Session
@@ -47,7 +48,8 @@ class Loader:
         self.files = files or FileCalls()
         self._device: Device | None = None
         self._warming = asyncio.Lock()
-        self._pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
+        self._pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess",
+                                        initializer=name_this_thread)
 
     async def read(self, folder: Path) -> ModelMetadata:
         return await self.files.run(folder / METADATA_FILE, _where(folder, METADATA_FILE), read_metadata, folder)

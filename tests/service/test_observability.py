@@ -3,6 +3,7 @@
 import json
 import re
 import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -75,3 +76,11 @@ def test_the_favicon_is_no_404_and_unmatched_paths_are_logged_as_asked(client, s
         time.sleep(0.05)
     line = next(line for line in server.log().splitlines() if "lost-1" in line and "404" in line)
     assert "GET /no-such-page-42 404" in line
+
+
+def test_the_servers_threads_are_named_for_the_operating_system(server, client, digit_png):
+    """top -H, py-spy and /proc tell the threads apart, so the CPU splits by what each does."""
+    assert client.post("/predict", files={"file": ("d.png", digit_png)}).status_code == 200
+    names = {path.read_text().strip() for path in Path(f"/proc/{server.proc.pid}/task").glob("*/comm")}
+    assert {"event-loop", "preprocess_0", "onnxruntime"} <= names, names
+    assert any(name.startswith("infer-") for name in names), names
