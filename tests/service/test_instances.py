@@ -2,6 +2,7 @@
 sessions that split the cores, listed in /models and labelled in /metrics, serving the same
 answers as one instance; STEPNET_DEVICE takes GPU lists, and refuses what it cannot parse."""
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -22,6 +23,19 @@ def one(start_server, single_model_repository):
 def test_one_cpu_instance_has_every_core_and_no_solo_session(one):
     (info,) = httpx.get(one.url + "/models", timeout=10).json()["models"]
     assert [(i["name"], i["threads"], i["solo"]) for i in info["instances"]] == [("0", cpu_count(), False)]
+
+
+@pytest.mark.skipif(cpu_count() < 2, reason="one core: nothing to choose")
+def test_unset_a_small_model_gets_a_session_per_core_and_the_solo_one(server):
+    """With no instances set, the loader times a batch of 1 on one intra-op thread and on every
+    core: the digits model runs no faster on all of them, so it gets one session per core (and
+    the solo session with every core, for lone requests)."""
+    info = next(m for m in httpx.get(server.url + "/models", timeout=10).json()["models"]
+                if m["name"] == "stepnet-digits")
+    assert [(i["threads"], i["solo"]) for i in info["instances"]] == \
+        [(1, False)] * cpu_count() + [(cpu_count(), True)]
+    assert re.search(rf"stepnet-digits:1: batch 1 takes [\d.]+ ms on 1 intra-op thread, [\d.]+ ms on "
+                     rf"{cpu_count()}: one session per core \({cpu_count()} x 1\)", server.log())
 
 
 @pytest.mark.skipif(cpu_count() < 2, reason="one core: no solo session beside one-core ones")
