@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -33,6 +33,9 @@ MAX_FILE_BYTES = 64 * 1024
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+File = TypeVar("File", bound=_Strict)
 
 
 class Latest(_Strict):
@@ -141,19 +144,11 @@ def file_signature(model_dir: Path) -> tuple | None:
 def read(model_dir: Path, settings: Settings) -> ServingConfig:
     """The model's configuration: the environment's, with serving.json's keys over it where the
     file exists. Raises ModelLoadError (public message: no host path) when the file is invalid."""
-    path = model_dir / SERVING_FILE
     base = defaults(settings)
-    where = f"{model_dir.name}/{SERVING_FILE}"
-    try:
-        data = read_file(path, model_dir.parent, MAX_FILE_BYTES)
-    except FileNotFoundError:
+    parsed = _read_json(model_dir / SERVING_FILE, model_dir.parent, f"{model_dir.name}/{SERVING_FILE}",
+                        ServingFile)
+    if parsed is None:
         return base
-    except OSError as exc:
-        raise ModelLoadError(f"{path}: {exc}", f"{where} cannot be read ({exc.strerror})") from None
-    try:
-        parsed = ServingFile.model_validate(json.loads(data))
-    except (ValueError, UnicodeDecodeError) as exc:   # JSONDecodeError and ValidationError are ValueErrors
-        raise ModelLoadError(f"{where} is invalid: {_problems(exc)}") from None
     given = parsed.model_dump(exclude_none=True)
     given.pop("version_policy", None)
     return ServingConfig(**{**base.__dict__, **given, "source": SERVING_FILE,
@@ -164,17 +159,24 @@ def read(model_dir: Path, settings: Settings) -> ServingConfig:
 def read_repository(root: Path) -> RepositoryFile:
     """The repository's repository.json, or the empty settings where there is none. Raises
     ModelLoadError when it is invalid or cannot be read (the service does not start)."""
-    path = root / REPOSITORY_FILE
+    path = root / REPOSITORY_FILE          # only the start reads it: its errors reach no client
+    return _read_json(path, root, str(path), RepositoryFile) or RepositoryFile()
+
+
+def _read_json(path: Path, root: Path, where: str, schema: type[File]) -> File | None:
+    """The file, a regular one inside `root`, validated by `schema`; None where there is none.
+    Raises ModelLoadError (public message: `where`, no host path) when it cannot be read or is
+    invalid."""
     try:
         data = read_file(path, root, MAX_FILE_BYTES)
     except FileNotFoundError:
-        return RepositoryFile()
+        return None
     except OSError as exc:
-        raise ModelLoadError(f"{path}: {exc}", f"{REPOSITORY_FILE} cannot be read ({exc.strerror})") from None
+        raise ModelLoadError(f"{path}: {exc}", f"{where} cannot be read ({exc.strerror})") from None
     try:
-        return RepositoryFile.model_validate(json.loads(data))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{path} is invalid: {_problems(exc)}") from None
+        return schema.model_validate(json.loads(data))
+    except (ValueError, UnicodeDecodeError) as exc:   # JSONDecodeError and ValidationError are ValueErrors
+        raise ModelLoadError(f"{where} is invalid: {_problems(exc)}") from None
 
 
 def _problems(exc: Exception) -> str:

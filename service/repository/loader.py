@@ -131,12 +131,11 @@ def _cpu_default(graph: bytes, meta: ModelMetadata, device: Device, outputs: tup
     28 % more at concurrency 64, as much at 1 and 16), else None: one session with every core
     (StepNet-50 runs 1.8 times faster on two). Measured here, interleaved, best of PROBE_RUNS."""
     cores = cpu_count()
-    x = None
     times: dict[int, list[float]] = {1: [], cores: []}
     probes = {n: Session(graph, device, None, n, outputs, f"{label} probe") for n in times}
+    x = np.zeros((1, *meta.input.shape), probes[1].input_dtype)
     for _ in range(PROBE_RUNS + 1):            # the first run of each is its warm-up
         for n, session in probes.items():
-            x = np.zeros((1, *meta.input.shape), session.input_dtype) if x is None else x
             t0 = time.perf_counter()
             session.run(x)
             times[n].append(time.perf_counter() - t0)
