@@ -66,10 +66,14 @@ def wrk(url: str, body: Path, concurrency: int, seconds: float, script: Path) ->
             "p50_ms": ms("50%"), "p99_ms": ms("99%"), "non_2xx": int(errors.group(1)) if errors else 0}
 
 
+def png_digit() -> tuple[str, bytes, str]:
+    """The upload wrk sends: the first PNG of the bench's digits uploads (a 64x64 test digit)."""
+    return next(u for u in images("digits") if u[0].endswith(".png"))
+
+
 def raw_reference() -> float:
     """Images/s of decode + pre-process + session.run at batch 1 in one thread, the PNG digit."""
-    uploads = [u for u in images("digits") if u[0].endswith(".png")]
-    raw = Raw(DIGITS, uploads, os.cpu_count() or 1)
+    raw = Raw(DIGITS, [png_digit()], os.cpu_count() or 1)
     return raw.end_to_end(Budget(warmup=20, seconds=8.0, min_reps=200, max_reps=100_000))["throughput"]
 
 
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             label, commit = spec.split("=", 1)
             trees[label] = ROOT if commit == "." else worktree(commit, work / label)
         body, script = work / "digit.png", work / "post.lua"
-        body.write_bytes([u for u in images("digits") if u[0].endswith(".png")][0][1])
+        body.write_bytes(png_digit()[1])
         script.write_text(WRK_SCRIPT)
         rows = []
         try:
