@@ -9,7 +9,6 @@ measured in turn, several rounds per concurrency, so that drift on a shared mach
   per-request cost of the checks the request path makes when tracing is off (timeit).
 """
 
-import asyncio
 import logging
 import statistics
 import threading
@@ -34,9 +33,10 @@ def instance_configs(cores: int) -> dict[str, dict[str, str]]:
 
 
 def compare(name: str, version: Path, configs: dict[str, dict[str, str]], concurrencies: tuple[int, ...],
-            seconds: float, min_requests: int, max_requests: int, rounds: int, work: Path) -> dict:
-    """Per concurrency and configuration: median req/s and p50/p95 over `rounds` alternating loads."""
-    uploads = service.images(name)
+            seconds: float, rounds: int, work: Path) -> dict:
+    """Per concurrency and configuration: median req/s and p50/p99 over `rounds` alternating wrk
+    loads on /predict."""
+    upload = service.load_upload(name)
     servers = {label: service.Server(version.parent.parent, work / f"serve-{name}-{i}.log", env)
                for i, (label, env) in enumerate(configs.items())}
     rows: dict[str, dict[str, list]] = {str(c): {label: [] for label in configs} for c in concurrencies}
@@ -46,8 +46,7 @@ def compare(name: str, version: Path, configs: dict[str, dict[str, str]], concur
         for c in concurrencies:
             for _ in range(rounds):
                 for label, server in servers.items():
-                    rows[str(c)][label].append(asyncio.run(service._load(
-                        server.url, uploads, c, seconds, max(min_requests, 2 * c), max_requests)))
+                    rows[str(c)][label].append(service._load(server, upload, c, seconds))
             log.info("%s concurrency %d: %s", name, c, ", ".join(
                 f"{label} {statistics.median(r['throughput'] for r in runs):.1f} req/s"
                 for label, runs in rows[str(c)].items()))
@@ -59,7 +58,7 @@ def compare(name: str, version: Path, configs: dict[str, dict[str, str]], concur
 
 
 def _median(runs: list[dict]) -> dict:
-    keys = ("throughput", "p50_ms", "p95_ms")
+    keys = ("throughput", "p50_ms", "p99_ms")
     out = {k: statistics.median(r[k] for r in runs if k in r) for k in keys}
     out.update(requests=sum(r["requests"] for r in runs), errors=sum(r["errors"] for r in runs),
                throughput_runs=[round(r["throughput"], 2) for r in runs])
@@ -82,15 +81,15 @@ class _Sink(BaseHTTPRequestHandler):
         pass
 
 
-def tracing_part(version: Path, cores: int, concurrencies: tuple[int, ...], seconds: float, min_requests: int,
-                 max_requests: int, rounds: int, work: Path) -> dict:
+def tracing_part(version: Path, cores: int, concurrencies: tuple[int, ...], seconds: float, rounds: int,
+                 work: Path) -> dict:
     sink = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
     threading.Thread(target=sink.serve_forever, daemon=True).start()
     endpoint = f"http://127.0.0.1:{sink.server_address[1]}"
     try:
         result = compare("digits", version, {"off": {"STEPNET_TRACING": "off"}, "on": {
             "STEPNET_TRACING": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_BSP_SCHEDULE_DELAY": "1000"}},
-            concurrencies, seconds, min_requests, max_requests, rounds, work)
+            concurrencies, seconds, rounds, work)
     finally:
         sink.shutdown()
     result["exports_received"] = _Sink.received
@@ -121,6 +120,6 @@ def off_cost_ns() -> float:
 
 
 def instances_part(versions: dict[str, Path], cores: int, concurrencies: tuple[int, ...], seconds: float,
-                   min_requests: int, max_requests: int, rounds: int, work: Path) -> dict:
-    return {name: compare(name, version, instance_configs(cores), concurrencies, seconds, min_requests,
-                          max_requests, rounds, work) for name, version in versions.items()}
+                   rounds: int, work: Path) -> dict:
+    return {name: compare(name, version, instance_configs(cores), concurrencies, seconds, rounds, work)
+            for name, version in versions.items()}

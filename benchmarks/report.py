@@ -117,18 +117,29 @@ def _diagnostics(diagnostics: dict) -> list[str]:
 
 
 def _transports(svc: dict) -> list[str]:
-    """REST multipart, REST v2 binary and gRPC on the same images, one per request."""
+    """REST /predict, REST v2 binary and gRPC on the same image, one per request."""
     if not svc.get("transports"):
         return []
     rows = []
     for c, rest in svc["load"].items():
-        others = [svc["transports"][t][c] for t in ("rest_v2_binary", "grpc")]
-        rows.append([c] + [f"{r['throughput']:.1f} ({r['throughput_vs_raw']:.2f})" for r in (rest, *others)]
-                    + [f"{others[1]['throughput'] / rest['throughput']:.2f}", str(sum(r["errors"] for r in others))])
-    return (["", "Transports, the same images one per request: req/s (and service / raw, against "
+        v2, grpc = (svc["transports"][t][c] for t in ("rest_v2_binary", "grpc"))
+        rows.append([c] + [f"{r['throughput']:.1f} ({r['throughput_vs_raw']:.2f})" for r in (rest, v2, grpc)]
+                    + [f"{grpc['throughput'] / v2['throughput']:.2f}", f"{_cpu(v2)} / {_cpu(grpc)}",
+                       f"{v2['errors']} / {grpc['errors']}"])
+    return (["", "Transports, the same image one per request: req/s (and service / raw, against "
                  f"the reference of the table above); {svc['settings'].get('transports', '')}.", ""]
-            + _table(["concurrency", "REST multipart", "REST v2 binary", "gRPC", "gRPC / REST multipart",
-                      "errors (v2, gRPC)"], rows))
+            + _table(["concurrency", "REST /predict", "REST v2 binary", "gRPC", "gRPC / REST v2 binary",
+                      "server CPU ms/request v2 / gRPC", "errors v2 / gRPC"], rows))
+
+
+def _cpu(row: dict) -> str:
+    return f"{sum(row.get('cpu_ms_per_request', {}).values()):.2f}"
+
+
+def cpu_split(row: dict) -> str:
+    """The server's CPU per request, by thread name, largest first."""
+    split = sorted(row.get("cpu_ms_per_request", {}).items(), key=lambda kv: -kv[1])
+    return f"{_cpu(row)} (" + ", ".join(f"{k} {v:.2f}" for k, v in split) + ")"
 
 
 def service_rows(svc: dict) -> list[list[str]]:
@@ -171,9 +182,9 @@ def _service_level(name: str, svc: dict) -> list[str]:
     raw = svc["raw"]
     timing_rows = []
     for c, row in svc["load"].items():
-        timing = row.get("server_timing_p50_ms", {})
-        timing_rows.append([c, str(row["requests"]), str(row["errors"]), _ms(row["p95_ms"]),
-                            _ms(row["p99_ms"]), ", ".join(f"{k} {v:.1f}" for k, v in timing.items())])
+        timing_rows.append([c, str(row["requests"]), f"{row['errors']} / {row.get('errors_5xx', '-')}",
+                            _ms(row["p99_ms"]), f"{row.get('throughput_vs_end_to_end', float('nan')):.2f}",
+                            cpu_split(row)])
     end_to_end = raw.get("end_to_end")
     return (["", f"## Service level: {MODEL_NAMES.get(name, name)}", "",
              f"`stepnet serve` on loopback ({svc['settings']['server']}; {served_as(svc)}); client: "
@@ -186,9 +197,12 @@ def _service_level(name: str, svc: dict) -> list[str]:
                    "inputs pre-processed beforehand. Each is measured a few seconds from its load, the "
                    "server idle." + (f" Raw end to end: p50 {_ms(end_to_end['p50_ms'])} ms, p95 "
                                      f"{_ms(end_to_end['p95_ms'])} ms." if end_to_end else ""), ""]
-            + _table(["concurrency", "requests", "errors", "p95 ms", "p99 ms", "server timing p50 ms"],
-                     timing_rows)
-            + ["", "Server timing is what the service reports in each response (`timing_ms`)."]
+            + _table(["concurrency", "requests", "errors / 5xx", "p99 ms", "req/s / raw end to end",
+                      "server CPU ms/request (by thread)"], timing_rows)
+            + ["", "`req/s / raw end to end` divides by the one-thread decode, pre-process and "
+                   "session.run at batch 1 at every concurrency (the serving path's figure). Errors "
+                   "are the server's 4xx and 5xx answers during the load (its own counters) and the "
+                   "client's socket errors; CPU is the server process's, from /proc, by thread name."]
             + _transports(svc))
 
 
@@ -357,7 +371,7 @@ def _service_plot(results: dict):
         ax.set_title(f"{MODEL_NAMES.get(name, name)}: throughput")
         ax.legend()
         ax = axes[1][col]
-        for q in ("p50", "p95", "p99"):
+        for q in ("p50", "p99"):
             ax.plot(conc, [svc["load"][c][f"{q}_ms"] for c in conc], "o-", label=f"service {q}")
         if "end_to_end" in svc["raw"]:
             ax.axhline(svc["raw"]["end_to_end"]["p50_ms"], color="grey", linestyle="--",

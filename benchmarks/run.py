@@ -1,4 +1,4 @@
-"""One benchmark run: settings, the parts in order, the targets of issues 6 and 17, and the files written.
+"""One benchmark run: settings, the parts in order, the targets, and the files written.
 
     RESULTS/<machine>-<date>-<HHMM>.json    every number, the machine, versions, settings, load average
     RESULTS/<machine>-<date>-<HHMM>.md      the tables and the targets, met or missed
@@ -34,8 +34,6 @@ class BenchSettings:
     diagnostics_budget: Budget
     concurrencies: tuple[int, ...]
     load_seconds: float              # per concurrency level
-    load_min_requests: int
-    load_max_requests: int
     raw_budget: Budget
     gpu_batches: tuple[int, ...]
     gpu_budget: Budget
@@ -49,7 +47,7 @@ class BenchSettings:
     def full(cls) -> "BenchSettings":
         return cls("full", (1, 8, 32), Budget(warmup=1, seconds=5.0, min_reps=2, max_reps=40),
                    (1, 8), Budget(warmup=1, seconds=6.0, min_reps=3, max_reps=60),
-                   (1, 4, 16), 15.0, 16, 2000, Budget(warmup=1, seconds=5.0, min_reps=3, max_reps=60),
+                   (1, 4, 16, 64), 15.0, Budget(warmup=1, seconds=5.0, min_reps=3, max_reps=60),
                    (1, 8, 32, 128), Budget(warmup=3, seconds=3.0, min_reps=5, max_reps=200), 1000,
                    8, Budget(warmup=1, seconds=8.0, min_reps=3, max_reps=20), 2, 1024)
 
@@ -57,7 +55,7 @@ class BenchSettings:
     def quick(cls) -> "BenchSettings":
         return cls("quick", (1, 8), Budget(warmup=1, seconds=0.2, min_reps=2, max_reps=5),
                    (1,), Budget(warmup=1, seconds=0.2, min_reps=2, max_reps=5),
-                   (1, 4), 1.0, 8, 40, Budget(warmup=1, seconds=0.2, min_reps=2, max_reps=5),
+                   (1, 4), 1.0, Budget(warmup=1, seconds=0.2, min_reps=2, max_reps=5),
                    (1, 2), Budget(warmup=1, seconds=0.2, min_reps=2, max_reps=5), 20,
                    2, Budget(warmup=1, seconds=0.1, min_reps=1, max_reps=1), 1, 128)
 
@@ -82,6 +80,15 @@ TARGETS = (
      "batcher formed, concurrency 16", "stepnet50", 0.95, True),
     ("service_p50_minus_raw_c1_ms", "service p50 - raw end-to-end p50 (ms), concurrency 1",
      "stepnet50", 3.0, False),
+    ("serving_path_c16", "service req/s / raw decode + pre-process + session.run at batch 1 "
+     "images/s, concurrency 16", "digits", 1.4, True),
+    ("serving_path_c64", "service req/s / raw decode + pre-process + session.run at batch 1 "
+     "images/s, concurrency 64", "digits", 1.4, True),
+    ("service_5xx_c64", "5xx answers at concurrency 64, default settings", "digits", 0, False),
+    ("grpc_vs_rest_v2_stepnet50", "gRPC req/s / REST v2 binary req/s, the lowest over the concurrencies",
+     "stepnet50", 1.0, True),
+    ("grpc_vs_rest_v2_digits", "gRPC req/s / REST v2 binary req/s, the lowest over the concurrencies",
+     "digits", 1.0, True),
     ("train_stepnet50_vs_resnet50", "training images/s, StepNet-50 / torchvision ResNet-50, fp32",
      "stepnet50", 0.85, True),
 )
@@ -103,11 +110,19 @@ def _figure(key: str, model: str, results: dict) -> float | None:
             return results["diagnostics"][model]["batches"]["1"]["cost"]
         if key.startswith("service_vs_raw_throughput_c"):
             return results["service"][model]["load"][key.rpartition("_c")[2]]["throughput_vs_raw"]
+        if key.startswith("serving_path_c"):
+            return results["service"][model]["load"][key.rpartition("_c")[2]]["throughput_vs_end_to_end"]
+        if key == "service_5xx_c64":
+            return results["service"][model]["load"]["64"]["errors_5xx"]
+        if key.startswith("grpc_vs_rest_v2"):
+            transports = results["service"][model]["transports"]
+            return min(grpc["throughput"] / transports["rest_v2_binary"][c]["throughput"]
+                       for c, grpc in transports["grpc"].items())
         if key == "service_p50_minus_raw_c1_ms":
             return results["service"][model]["load"]["1"]["p50_minus_raw_p50_ms"]
         if key == "train_stepnet50_vs_resnet50":
             return results["train"]["models"]["fp32"]["stepnet50_vs_resnet50"]
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, ValueError):
         return None
     raise ValueError(key)
 
@@ -213,13 +228,13 @@ def _serving_parts(results: dict, benches: dict, settings: BenchSettings, parts:
                 version = (service.digits_version(tmp / "repo-digits") if name == "digits"
                            else service.stepnet50_version(tmp / "repo-stepnet50", bench))
                 results["service"][name] = service.service_level(
-                    name, version, settings.concurrencies, settings.load_seconds, settings.load_min_requests,
-                    settings.load_max_requests, settings.raw_budget, threads, tmp)
+                    name, version, settings.concurrencies, settings.load_seconds, settings.raw_budget,
+                    threads, tmp)
     if "instances" in parts or "tracing" in parts:
         from benchmarks import instances
 
         seconds, rounds = settings.load_seconds / 3, 2 if settings.mode == "full" else 1
-        load = (settings.concurrencies, seconds, settings.load_min_requests, settings.load_max_requests, rounds)
+        load = (settings.concurrencies, seconds, rounds)
         with tempfile.TemporaryDirectory(prefix="stepnet-bench-") as tmp:
             tmp = Path(tmp)
             versions = {name: service.digits_version(tmp / "repo-digits") if name == "digits"

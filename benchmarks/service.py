@@ -1,15 +1,13 @@
-"""Service level: a real `stepnet serve` process on a loopback port, a bounded load from a small
-asyncio httpx client at several concurrencies (JPEG and PNG uploads in turn, multipart as a
-browser sends them), and in the same run the raw `session.run` figures on the same images,
-pre-processed by the service's own code, so that the serving overhead is a ratio.
+"""Service level: a real `stepnet serve` process on a loopback port, closed-loop loads from wrk and
+h2load (benchmarks.loadgen: load generators in C) at several concurrencies, and in the same run
+the raw `session.run` figures on the same image, pre-processed by the service's own code, so
+that the serving overhead is a ratio.
 
 The raw session is made as the service makes it (service.inference.sessions.Session) and measured before
 the server starts, so that the two never share the cores.
 """
 
-import asyncio
 import io
-import json
 import logging
 import os
 import shutil
@@ -24,8 +22,9 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from benchmarks import loadgen
 from benchmarks.model_level import DIGITS_VERSION, BenchModel, session
-from benchmarks.timing import Budget, measure, stats
+from benchmarks.timing import Budget, measure
 from export import calibration, metadata
 from export.repository import write_version
 from models import data
@@ -126,15 +125,10 @@ class Raw:
         x = np.ascontiguousarray(np.resize(self.tensors, (batch, *self.tensors.shape[1:])))
         return measure(lambda: self.session.run(x), budget, batch)
 
-    def end_to_end(self, budget: Budget) -> dict:
+    def end_to_end(self, body: bytes, budget: Budget) -> dict:
         """What the service does for one upload at concurrency 1, in one thread: decode,
-        pre-process and session.run at batch 1, the uploads (JPEG and PNG) in turn as in the load."""
-        turn = iter(range(1 << 62))
-
-        def one():
-            body = self.uploads[next(turn) % len(self.uploads)][1]
-            self.session.run(self.prep(body)[None])
-        return measure(one, budget)
+        pre-process and session.run at batch 1."""
+        return measure(lambda: self.session.run(self.prep(body)[None]), budget)
 
 
 def _batches(url: str) -> tuple[float, float]:
@@ -199,121 +193,49 @@ class Server:
         self.log_file.close()
 
 
-TRANSPORTS = ("rest_v2_binary", "grpc")   # beside REST multipart /predict (result["load"])
+TRANSPORTS = ("rest_v2_binary", "grpc")   # beside REST /predict (result["load"])
 
 
-async def _load(url: str, uploads: list, concurrency: int, seconds: float, min_requests: int,
-                max_requests: int, transport: str = "rest", grpc_target: str | None = None,
-                model: str | None = None) -> dict:
-    """Closed-loop load: `concurrency` clients, each sending its next request when the last one
-    is answered, until `seconds` have passed and at least `min_requests` were sent. transport:
-    "rest" (multipart /predict), "rest_v2_binary" (the v2 infer route, BYTES as binary data) or
-    "grpc" (tritonclient.grpc.aio ModelInfer, BYTES): the same images, one per request."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client, \
-            _grpc_client(grpc_target if transport == "grpc" else None) as grpc_client:
-        send = {"rest": lambda i: _post_predict(client, uploads[i % len(uploads)]),
-                "rest_v2_binary": lambda i: _post_v2(client, model, uploads[i % len(uploads)]),
-                "grpc": lambda i: _grpc_infer(grpc_client, model, uploads[i % len(uploads)])}[transport]
-
-        async def timed(i):
-            t0 = time.perf_counter()
-            ok, timing = await send(i)
-            return time.perf_counter() - t0, ok, timing
-
-        await asyncio.gather(*(timed(i) for i in range(concurrency)))     # warm-up, not counted
-        latencies, errors, sent, timings = [], 0, 0, []
-        started = time.perf_counter()
-
-        async def worker():
-            nonlocal errors, sent
-            while sent < max_requests and (sent < min_requests
-                                           or time.perf_counter() - started < seconds):
-                i, sent = sent, sent + 1
-                latency, ok, timing = await timed(i)
-                if ok:
-                    latencies.append(latency)
-                    if timing is not None:
-                        timings.append(timing)
-                else:
-                    errors += 1
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    result = stats(latencies) if latencies else {}
-    result.update({"requests": len(latencies), "errors": errors, "seconds": elapsed,
-                   "throughput": len(latencies) / elapsed})
-    if timings:    # the service's own account of each request (PredictResponse.timing_ms)
-        result["server_timing_p50_ms"] = {k: float(np.median([t[k] for t in timings]))
-                                          for k in timings[0]}
-    return result
+def load_upload(name: str) -> tuple[str, bytes, str]:
+    """The one upload every load sends (a generator in C sends one body): for the digits model
+    a 64x64 PNG test digit, for StepNet-50 a 500x375 JPEG photo-like image."""
+    kind = ".png" if name == "digits" else ".jpeg"
+    return next(u for u in images(name) if u[0].endswith(kind))
 
 
-async def _post_predict(client: httpx.AsyncClient, upload) -> tuple[bool, dict | None]:
-    name, body, kind = upload
-    response = await client.post("/predict", files={"file": (name, body, kind)})
-    return response.status_code == 200, response.json()["timing_ms"] if response.status_code == 200 else None
-
-
-async def _post_v2(client: httpx.AsyncClient, model: str, upload) -> tuple[bool, None]:
-    """The v2 REST route with the image as binary BYTES data and binary outputs, as
-    tritonclient.http sends it."""
-    _, body, _ = upload
-    blob = len(body).to_bytes(4, "little") + body
-    header = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
-                                     "parameters": {"binary_data_size": len(blob)}}],
-                         "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}).encode()
-    response = await client.post(f"/v2/models/{model}/infer", content=header + blob,
-                                 headers={"Inference-Header-Content-Length": str(len(header))})
-    return response.status_code == 200, None
-
-
-async def _grpc_infer(client, model: str, upload) -> tuple[bool, None]:
-    import tritonclient.grpc.aio as triton_aio
-    from tritonclient.utils import InferenceServerException
-
-    tensor = triton_aio.InferInput("image", [1], "BYTES")
-    tensor.set_data_from_numpy(np.array([upload[1]], dtype=object))
-    try:
-        await client.infer(model, [tensor], outputs=[triton_aio.InferRequestedOutput("probabilities")])
-    except InferenceServerException:
-        return False, None
-    return True, None
-
-
-class _grpc_client:
-    """tritonclient.grpc.aio's client for the load, or nothing for the HTTP transports."""
-
-    def __init__(self, target: str | None):
-        self.target, self.client = target, None
-
-    async def __aenter__(self):
-        if self.target is not None:
-            import tritonclient.grpc.aio as triton_aio
-
-            self.client = triton_aio.InferenceServerClient(self.target)
-        return self.client
-
-    async def __aexit__(self, *exc):
-        if self.client is not None:
-            await self.client.close()
+def _load(server: "Server", upload: tuple[str, bytes, str], concurrency: int, seconds: float,
+          transport: str = "rest", model: str | None = None) -> dict:
+    """One closed-loop load (benchmarks.loadgen) with the server's CPU and failures meanwhile.
+    transport: "rest" (/predict, the image as the body, as `curl --data-binary` sends it),
+    "rest_v2_binary" (the v2 infer route, BYTES as binary data; wrk) or "grpc" (ModelInfer,
+    raw BYTES; h2load)."""
+    _, body, kind = upload
+    if transport == "grpc":
+        message = loadgen.grpc_request(model, body)
+        return loadgen.measured(server, lambda: loadgen.h2load_grpc(server.grpc_target, message, concurrency,
+                                                                    seconds))
+    path, payload, headers = (("/predict", body, {"Content-Type": kind}) if transport == "rest"
+                              else loadgen.v2_binary_request(model, body))
+    return loadgen.measured(server, lambda: loadgen.wrk(server.url + path, payload, headers, concurrency,
+                                                        seconds))
 
 
 def service_level(name: str, version: Path, concurrencies: tuple[int, ...], seconds: float,
-                  min_requests: int, max_requests: int, raw_budget: Budget, threads: int,
-                  work: Path, env: dict | None = None) -> dict:
-    """Per concurrency: the served model under load, and its raw reference taken a few seconds
-    from it (the server idle meanwhile), so that each ratio compares figures from one run:
+                  raw_budget: Budget, threads: int, work: Path, env: dict | None = None) -> dict:
+    """Per concurrency: the served model under load (REST /predict, REST v2 binary and gRPC, one
+    upload per request, load_upload), and its raw reference taken a few seconds from it (the
+    server idle meanwhile), so that each ratio compares figures from one run:
 
     - concurrency 1: decode, pre-process and session.run at batch 1 in one thread
       (Raw.end_to_end), the whole of what the service does for one request;
     - above: session.run at the batch size the batcher formed during that load (its mean,
       rounded), on inputs pre-processed beforehand.
 
-    Also the service's mean batch size during each load, and the threads it served with."""
-    uploads = images(name)
+    Also the service's mean batch size and CPU per request by thread during each load, and the
+    instances it served with."""
+    uploads, upload = images(name), load_upload(name)
     baseline = Raw(version, uploads, threads)
-    result = {"uploads": {n: len(b) for n, b, _ in uploads},
+    result = {"uploads": {n: len(b) for n, b, _ in uploads}, "load_upload": upload[0],
               "raw": {"preprocess": baseline.preprocess(raw_budget), "batches": {}}, "load": {}}
     server = Server(version.parent.parent, work / f"serve-{name}.log", env)
     model = read_metadata(version).name
@@ -323,10 +245,10 @@ def service_level(name: str, version: Path, concurrencies: tuple[int, ...], seco
         result["served_as"] = _served_as(server.url, model)
         for c in concurrencies:
             if c == 1:
-                result["raw"]["end_to_end"] = baseline.end_to_end(raw_budget)
-            row = result["load"][str(c)] = _measured_load(server, uploads, c, seconds, min_requests, max_requests)
+                result["raw"]["end_to_end"] = baseline.end_to_end(upload[1], raw_budget)
+            row = result["load"][str(c)] = _measured_load(server, upload, c, seconds)
             log.info("%s service concurrency %d: %.2f req/s, p50 %.1f ms (%d requests, %d errors, mean "
-                     "batch %s)", name, c, row["throughput"], row.get("p50_ms", float("nan")), row["requests"],
+                     "batch %s)", name, c, row["throughput"], row["p50_ms"], row["requests"],
                      row["errors"], row["mean_batch_size"])
             if c > 1:
                 row["raw_batch"] = max(1, round(row["mean_batch_size"] or 1))
@@ -334,29 +256,32 @@ def service_level(name: str, version: Path, concurrencies: tuple[int, ...], seco
                     result["raw"]["batches"][str(row["raw_batch"])] = baseline.run(row["raw_batch"], raw_budget)
             for transport in TRANSPORTS:
                 other = result["transports"][transport][str(c)] = _measured_load(
-                    server, uploads, c, seconds, min_requests, max_requests, transport, model)
+                    server, upload, c, seconds, transport, model)
                 log.info("%s %s concurrency %d: %.2f req/s (%d errors)", name, transport, c,
                          other["throughput"], other["errors"])
     finally:
         server.stop()
     raw = result["raw"]
-    if "end_to_end" in raw:      # items/s from the mean: JPEG and PNG take different times
+    if "end_to_end" in raw:
         raw["end_to_end"]["throughput"] = 1e3 / raw["end_to_end"]["mean_ms"]
     for c, row in result["load"].items():
         reference = _reference(raw, c, row)
         row["raw_reference"], row["raw_throughput"] = reference
         row["throughput_vs_raw"] = row["throughput"] / row["raw_throughput"]
-        if c == "1" and "p50_ms" in row:
+        if "end_to_end" in raw:
+            row["throughput_vs_end_to_end"] = row["throughput"] / raw["end_to_end"]["throughput"]
+        if c == "1":
             row["p50_minus_raw_p50_ms"] = row["p50_ms"] - raw["end_to_end"]["p50_ms"]
         for rows in result["transports"].values():     # against the same reference as REST
             rows[c]["raw_reference"], rows[c]["raw_throughput"] = reference
             rows[c]["throughput_vs_raw"] = rows[c]["throughput"] / reference[1]
     result["settings"] = {"max_batch_size": MAX_BATCH_SIZE, "server": "stepnet serve, default "
                           "settings (STEPNET_* unset)" if not env else f"stepnet serve with {env}",
-                          "raw_threads": threads, "spinning": _spinning(), "client": "httpx.AsyncClient, closed loop, "
-                          "multipart uploads, JPEG and PNG in turn", "transports": "the same images, "
-                          "one per request: REST v2 binary BYTES (httpx) and gRPC ModelInfer BYTES "
-                          "(tritonclient.grpc.aio)"}
+                          "raw_threads": threads, "spinning": _spinning(),
+                          "client": f"wrk (C), closed loop, {upload[0]} POSTed to /predict as the body",
+                          "transports": "the same image, one per request: REST v2 binary BYTES (wrk) "
+                          "and gRPC ModelInfer raw BYTES (h2load, one connection, as many streams as "
+                          "the concurrency)"}
     return result
 
 
@@ -367,12 +292,11 @@ def _reference(raw: dict, concurrency: str, row: dict) -> tuple[str, float]:
     return f"session.run, batch {row['raw_batch']}", raw["batches"][str(row["raw_batch"])]["throughput"]
 
 
-def _measured_load(server: Server, uploads: list, c: int, seconds: float, min_requests: int,
-                   max_requests: int, transport: str = "rest", model: str | None = None) -> dict:
+def _measured_load(server: Server, upload: tuple[str, bytes, str], c: int, seconds: float,
+                   transport: str = "rest", model: str | None = None) -> dict:
     """One closed-loop load level, and the mean batch size the service formed during it."""
     before = _batches(server.url)
-    row = asyncio.run(_load(server.url, uploads, c, seconds, max(min_requests, 2 * c), max_requests,
-                            transport, server.grpc_target, model))
+    row = _load(server, upload, c, seconds, transport, model)
     after = _batches(server.url)
     row["mean_batch_size"] = (after[0] - before[0]) / (after[1] - before[1]) if after[1] > before[1] else None
     return row

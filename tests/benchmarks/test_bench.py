@@ -56,8 +56,13 @@ def test_diagnostics_and_service_parts(quick_run):
     assert row["cost"] == pytest.approx(row["with"]["p50_ms"] / row["without"]["p50_ms"] - 1)
     service = results["service"]["digits"]
     assert set(service["load"]) == {"1", "4"}
+    assert service["load_upload"].endswith(".png")            # wrk sends one body: a PNG digit
     for c, load in service["load"].items():
-        assert load["errors"] == 0 and load["requests"] >= 8
+        assert load["errors"] == 0 and load["errors_5xx"] == 0 and load["requests"] >= 8
+        # the server's CPU per request, by thread name: HTTP, decoding and ONNX Runtime apart
+        assert {"event-loop", "preprocess"} <= set(load["cpu_ms_per_request"]), load["cpu_ms_per_request"]
+        assert load["throughput_vs_end_to_end"] == pytest.approx(
+            load["throughput"] / service["raw"]["end_to_end"]["throughput"])
         # concurrency 1 against raw decode + pre-process + run; above, session.run at the batch
         # size the batcher formed during that load
         raw = (service["raw"]["end_to_end"] if c == "1" else
@@ -98,12 +103,17 @@ def test_targets_and_report_files(quick_run):
     keys = {t["key"] for t in results["targets"]}
     assert {"ort_fp32_vs_torch_b1", "int8_vs_fp32_throughput_b8", "diagnostics_cost_b1",
             "service_vs_raw_throughput_c1", "service_vs_raw_throughput_c4", "service_vs_raw_throughput_c16",
-            "service_p50_minus_raw_c1_ms"} <= keys
+            "service_p50_minus_raw_c1_ms", "serving_path_c16", "serving_path_c64", "service_5xx_c64",
+            "grpc_vs_rest_v2_stepnet50", "grpc_vs_rest_v2_digits"} <= keys
     by_key = {t["key"]: t for t in results["targets"]}
     agreement = by_key["int8_top1_agreement"]                 # the digits test split, int8 vs fp32
     assert agreement["value"] == results["int8_quality"]["top1_agreement"]
     assert agreement["limit"] == ">= 0.99" and agreement["met"] is (agreement["value"] >= 0.99)
     assert by_key["ort_fp32_vs_torch_b1"]["value"] is None        # StepNet-50 not run in --quick
+    transports = results["service"]["digits"]["transports"]
+    assert by_key["grpc_vs_rest_v2_digits"]["value"] == pytest.approx(min(
+        transports["grpc"][c]["throughput"] / transports["rest_v2_binary"][c]["throughput"] for c in ("1", "4")))
+    assert by_key["serving_path_c64"]["value"] is None              # --quick loads 1 and 4 only
     markdown = path.with_suffix(".md").read_text()
     for heading in ("## Targets", "## Model level", "## Diagnostics cost", "## Service level",
                     "## GPU"):
