@@ -28,6 +28,9 @@ import httpx
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
+# wrk's own default (2 s) counts a request as an error once it waits longer: at concurrency 64 a
+# StepNet-50 request waits about 3 s on 2 cores; the service's own deadline is what should bound it
+TIMEOUT_S = 60
 WRK_SCRIPT = """local f = assert(io.open(os.getenv("WRK_BODY"), "rb"))
 wrk.method = "POST"
 wrk.body = f:read("*a")
@@ -85,7 +88,7 @@ def wrk(url: str, body: bytes, headers: dict[str, str], concurrency: int, second
         files["post.lua"].write_text(WRK_SCRIPT)
         out = subprocess.run(
             ["wrk", "-t", str(min(2, concurrency)), "-c", str(concurrency), "-d", f"{_whole(seconds)}s",
-             "--latency", "-s", str(files["post.lua"]), url],
+             "--timeout", f"{TIMEOUT_S}s", "--latency", "-s", str(files["post.lua"]), url],
             capture_output=True, text=True, timeout=seconds + 60, check=True,
             env={**os.environ, "WRK_BODY": str(files["body"]), "WRK_HEADERS": str(files["headers"])}).stdout
 

@@ -26,6 +26,15 @@ class LayerDiagnostics(BaseModel):
                                           "block of a stage")
 
 
+class StiffnessScore(BaseModel):
+    value: float | None = Field(description="squared distance of this image's per-layer diagnostics from the "
+                                            "calibration images', per feature: they average 1 or less "
+                                            "(docs/design.md 1.6); null if not finite")
+    threshold: float = Field(description="the export's threshold: the calibration images' 99th percentile")
+    unusual: bool = Field(description="value above threshold: this input looks unlike what the model was "
+                                      "calibrated on")
+
+
 class Timing(BaseModel):
     queue: float = Field(description="waiting for a batch, ms")
     preprocess: float = Field(description="decode and pre-processing, ms")
@@ -38,6 +47,8 @@ class PredictResponse(BaseModel):
     version: int
     predictions: list[Prediction]
     layers: list[LayerDiagnostics]
+    stiffness_score: StiffnessScore | None = Field(description="null for a version exported without the "
+                                                               "score's calibration")
     timing_ms: Timing
 
 

@@ -328,9 +328,11 @@ def _encode(decoded: codec.Decoded, meta, results) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(model_name=meta.name, model_version=str(meta.version),
                                      id=decoded.request.id or "")
     for name, array, _ in tensors:
-        out = response.outputs.add(name=name, datatype="FP32", shape=array.shape)
+        out = response.outputs.add(name=name, datatype=codec.DATATYPES[name], shape=array.shape)
         if binary:
-            response.raw_output_contents.append(array.astype("<f4", copy=False).tobytes())
+            response.raw_output_contents.append(codec.binary_bytes(array))
+        elif array.dtype == np.bool_:
+            out.contents.bool_contents.extend(array.ravel().tolist())
         else:
             out.contents.fp32_contents.extend(array.ravel().tolist())
     return response

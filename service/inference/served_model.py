@@ -1,6 +1,6 @@
 """One loaded model version: metadata, its ONNX Runtime sessions (instances), the serving
-configuration it was loaded with, pre-processing, batcher and live stiffness statistics, and the
-leases that let it be retired safely.
+configuration it was loaded with, pre-processing, batcher, live stiffness statistics and the
+per-request stiffness score, and the leases that let it be retired safely.
 
 A request takes a lease on the version it resolved (service.api.deps) and holds it until it has
 its answer. Retiring a version (hot reload, unload) first waits for its leases to end, then drains
@@ -17,6 +17,7 @@ from functools import partial
 
 import numpy as np
 
+from stepnet.stiffness_score import Calibration, features
 from service.telemetry import tracing
 from service.inference.batcher import Batcher, BatchResult, Instance, Slot
 from service.config.settings import Settings
@@ -38,6 +39,8 @@ class ServedModel:
         self.name, self.version, self.provider = meta.name, meta.version, self.sessions[0].provider
         self.preprocessor = Preprocessor(meta.preprocessing, settings.max_image_pixels)
         self.stiffness = StiffnessTracker(meta, settings.stiffness_history)
+        self._nsi_defined = [layer.nsi_defined for layer in meta.layers]
+        self.score = Calibration.from_profile(meta.profile.score) if meta.profile.score else None
         self.statistics = InferenceStatistics()        # Triton's statistics extension
         self._metrics, self._pool = metrics, preprocess_pool
         zeros = np.zeros((1, *meta.input.shape), self.sessions[0].input_dtype)
@@ -58,8 +61,8 @@ class ServedModel:
     # ------------------------------------------------------------ inference
 
     async def infer_image(self, data: bytes) -> tuple[BatchResult, float]:
-        """Encoded image -> this request's outputs (logits, step_size, nsi) and its pre-processing
-        seconds."""
+        """Encoded image -> this request's outputs (logits, step_size, nsi, stiffness score,
+        unusual) and its pre-processing seconds."""
         results, preprocess_s = await self.infer_images([data])
         return results[0], preprocess_s
 
@@ -108,8 +111,19 @@ class ServedModel:
             logits, step_size, nsi = session.run(batch)      # (B, K), (B, L, 3), (B, L)
             self.stiffness.record(step_size, nsi)
             self.statistics.executed(len(batch))
-            return [logits, step_size, nsi]
+            return [logits, step_size, nsi, *self.stiffness_score(step_size, nsi)]
         return run
+
+    def stiffness_score(self, step_size: np.ndarray, nsi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's stiffness score (docs/design.md 1.6) and whether it is above the export's
+        threshold, (B,) float32 and (B,) bool; NaN and False for a version exported without
+        the score's calibration. Every transport reads these two outputs of the batch."""
+        if self.score is None:
+            return np.full(len(nsi), np.nan, np.float32), np.zeros(len(nsi), bool)
+        scores = self.score.score(features(step_size, nsi, self._nsi_defined))
+        for value in scores.tolist():
+            self._metrics.stiffness_score.observe(value)
+        return scores.astype(np.float32), scores > self.score.threshold
 
     # ------------------------------------------------------------ lifetime
 

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+SCORE_BUCKETS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1000.0)
 PROTOCOLS = ("rest", "grpc")
 # the transport of the request being served: set by the gRPC servicer, read where rows join a batch
 PROTOCOL: contextvars.ContextVar[str] = contextvars.ContextVar("protocol", default="rest")
@@ -34,6 +35,7 @@ class ModelMetrics:
     batch_size: Histogram
     batch_rows: dict[str, Counter]      # by protocol
     mixed_batches: Counter
+    stiffness_score: Histogram
     _inference: Histogram               # the families with instance and device labels
     _instance_failures: Counter
     _labels: tuple[str, str]
@@ -99,13 +101,17 @@ class Metrics:
                                    "their request", [*model, "protocol"], registry=reg)
         self._mixed = Counter("stepnet_mixed_protocol_batches", "Batches that held rows of REST and "
                               "gRPC requests together", model, registry=reg)
+        self._score = Histogram("stepnet_stiffness_score", "Per-request stiffness score: squared distance "
+                                "of the request's per-layer diagnostics from the calibration images', "
+                                "per feature (the calibration images average 1 or less; docs/design.md 1.6)", model,
+                                buckets=SCORE_BUCKETS, registry=reg)
 
     def for_model(self, name: str, version: int) -> ModelMetrics:
         labels = (name, str(version))
         return ModelMetrics(self._queue.labels(*labels), self._preprocess.labels(*labels),
                             self._batch.labels(*labels),
                             {p: self._batch_rows.labels(*labels, p) for p in PROTOCOLS},
-                            self._mixed.labels(*labels), self._inference, self._instance_failures, labels)
+                            self._mixed.labels(*labels), self._score.labels(*labels), self._inference, self._instance_failures, labels)
 
     def observe_request(self, endpoint: str, status: int, seconds: float, protocol: str) -> None:
         self.requests.labels(endpoint, str(status), protocol).inc()

@@ -8,8 +8,10 @@ A request sends exactly one input:
                                        string cannot hold raw bytes), as binary data each element
                                        is the protocol's 4-byte little-endian length and the bytes
 
-and gets any of the outputs logits [B, K], probabilities [B, K], step_size [B, L, 3] and
-nsi [B, L], all FP32 (nsi is NaN, null in JSON, for the first block of a stage).
+and gets any of the outputs logits [B, K], probabilities [B, K], step_size [B, L, 3],
+nsi [B, L] and stiffness_score [B], all FP32 (nsi is NaN, null in JSON, for the first block of a
+stage; stiffness_score for a version exported without its calibration), and unusual [B], BOOL
+(the stiffness score above the export's threshold, docs/design.md 1.6).
 
 Binary tensor data extension: the body is the JSON header, then the binary tensors in input order;
 the Inference-Header-Content-Length header gives the JSON's length and each binary input's
@@ -36,7 +38,8 @@ from service.v2.messages import InferRequest, ModelMetadataResponse, RequestInpu
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
 IMAGE_INPUT = "image"
-OUTPUTS = ("logits", "probabilities", "step_size", "nsi")
+OUTPUTS = ("logits", "probabilities", "step_size", "nsi", "stiffness_score", "unusual")
+DATATYPES = {name: "BOOL" if name == "unusual" else "FP32" for name in OUTPUTS}
 PLATFORM = "onnxruntime_onnx"
 
 
@@ -50,13 +53,19 @@ class Decoded:
 
 def model_metadata(meta: ModelMetadata, versions: list[int]) -> ModelMetadataResponse:
     c, h, w = meta.input.shape
-    k, n_layers = len(meta.classes), len(meta.layers)
-    shapes = {"logits": [-1, k], "probabilities": [-1, k], "step_size": [-1, n_layers, 3], "nsi": [-1, n_layers]}
+    shapes = {name: [-1, *dims] for name, dims in output_dims(meta).items()}
     return ModelMetadataResponse(
         name=meta.name, versions=[str(v) for v in versions], platform=PLATFORM,
         inputs=[TensorMetadata(name=meta.input.name, datatype="FP32", shape=[-1, c, h, w]),
                 TensorMetadata(name=IMAGE_INPUT, datatype="BYTES", shape=[-1])],
-        outputs=[TensorMetadata(name=name, datatype="FP32", shape=shapes[name]) for name in OUTPUTS])
+        outputs=[TensorMetadata(name=name, datatype=DATATYPES[name], shape=shapes[name]) for name in OUTPUTS])
+
+
+def output_dims(meta: ModelMetadata) -> dict[str, list[int]]:
+    """Each output's shape of one row (the batch axis left out)."""
+    k, n_layers = len(meta.classes), len(meta.layers)
+    return {"logits": [k], "probabilities": [k], "step_size": [n_layers, 3], "nsi": [n_layers],
+            "stiffness_score": [], "unusual": []}
 
 
 # ---------------------------------------------------------------- requests
@@ -263,12 +272,15 @@ def _outputs(request: InferRequest) -> list[tuple[str, bool]]:
 # ---------------------------------------------------------------- responses
 
 def output_tensors(decoded: Decoded, results: list[BatchResult]) -> list[tuple[str, np.ndarray, bool]]:
-    """(name, FP32 array, as binary data) of each output asked for, in the order asked."""
+    """(name, array, as binary data) of each output asked for, in the order asked: FP32 arrays,
+    and bool for `unusual`."""
     logits = np.stack([r.outputs[0] for r in results]).astype(np.float32)          # (B, K)
     tensors = {"logits": lambda: logits,
                "probabilities": lambda: softmax(logits).astype(np.float32),     # (B, K)
                "step_size": lambda: np.stack([r.outputs[1] for r in results]).astype(np.float32),  # (B, L, 3)
-               "nsi": lambda: np.stack([r.outputs[2] for r in results]).astype(np.float32)}        # (B, L)
+               "nsi": lambda: np.stack([r.outputs[2] for r in results]).astype(np.float32),        # (B, L)
+               "stiffness_score": lambda: np.array([r.outputs[3] for r in results], np.float32),   # (B,)
+               "unusual": lambda: np.array([r.outputs[4] for r in results], bool)}                 # (B,)
     return [(name, tensors[name](), binary) for name, binary in decoded.outputs]
 
 
@@ -279,9 +291,9 @@ def encode_response(decoded: Decoded, meta: ModelMetadata, results: list[BatchRe
         header["id"] = decoded.request.id
     outputs, chunks = [], []
     for name, array, binary in output_tensors(decoded, results):
-        entry: dict[str, object] = {"name": name, "datatype": "FP32", "shape": list(array.shape)}
+        entry: dict[str, object] = {"name": name, "datatype": DATATYPES[name], "shape": list(array.shape)}
         if binary:
-            raw = array.astype("<f4", copy=False).tobytes()
+            raw = binary_bytes(array)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
@@ -292,6 +304,11 @@ def encode_response(decoded: Decoded, meta: ModelMetadata, results: list[BatchRe
     if not chunks:
         return text, {"Content-Type": "application/json"}
     return text + b"".join(chunks), {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(text))}
+
+
+def binary_bytes(array: np.ndarray) -> bytes:
+    """An output as the protocol's binary data: FP32 little-endian, BOOL one byte each."""
+    return array.astype(np.bool_ if array.dtype == np.bool_ else "<f4", copy=False).tobytes()
 
 
 def _json_values(array: np.ndarray) -> list[float | None]:

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from service.inference.inference_statistics import Duration
 from service.inference.served_model import ServedModel
-from service.v2.codec import IMAGE_INPUT, OUTPUTS, PLATFORM
+from service.v2.codec import DATATYPES, IMAGE_INPUT, OUTPUTS, PLATFORM, output_dims
 
 BACKEND = "onnxruntime"
 ALTERNATIVES = "input_alternatives"
@@ -23,8 +23,7 @@ def model_config(served: ServedModel) -> dict:
     """Triton's ModelConfig of one served version. dims leave out the batch axis, as Triton's do
     with max_batch_size > 0; max_batch_size is the most rows one request may send."""
     meta, config = served.meta, served.config
-    k, n_layers = len(meta.classes), len(meta.layers)
-    dims = {"logits": [k], "probabilities": [k], "step_size": [n_layers, 3], "nsi": [n_layers]}
+    dims = output_dims(meta)
     devices = Counter(session.device for session in served.sessions)
     return {
         "name": meta.name, "platform": PLATFORM, "backend": BACKEND,
@@ -33,13 +32,19 @@ def model_config(served: ServedModel) -> dict:
         "input": [{"name": meta.input.name, "data_type": "TYPE_FP32", "dims": list(meta.input.shape),
                    "optional": True},
                   {"name": IMAGE_INPUT, "data_type": "TYPE_STRING", "dims": [], "optional": True}],
-        "output": [{"name": name, "data_type": "TYPE_FP32", "dims": dims[name]} for name in OUTPUTS],
+        "output": [_output(name, dims[name]) for name in OUTPUTS],
         "dynamic_batching": {"max_queue_delay_microseconds": int(config.max_queue_delay_ms * 1000),
                              "default_queue_policy": {"max_queue_size": config.max_queue_size}},
         "instance_group": [_group(meta.name, device, count) for device, count in devices.items()],
         "default_model_filename": served.file,
         "parameters": {ALTERNATIVES: {"string_value": f"{meta.input.name},{IMAGE_INPUT}"}},
     }
+
+
+def _output(name: str, dims: list[int]) -> dict:
+    """One output's config; a scalar per row is dims [1] reshaped to [], as Triton writes it."""
+    out = {"name": name, "data_type": f"TYPE_{DATATYPES[name]}", "dims": dims or [1]}
+    return out if dims else {**out, "reshape": {"shape": []}}
 
 
 def _group(name: str, device: str, count: int) -> dict:

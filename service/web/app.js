@@ -173,6 +173,7 @@ function clearAnswer(status) {
   hideError();
   hidePreview();
   clear($("predictions"));
+  $("unusual").hidden = true;
   $("timing").textContent = "";
   $("prediction-status").textContent = status;
   $("prediction-status").hidden = status === "";
@@ -188,11 +189,24 @@ function renderPrediction(result, roundTrip) {
     list.append(el("li", {}, el("span", { className: "label", text: p.label }), bar,
                    el("span", { className: "probability", text: percent(p.probability) })));
   }
+  renderScore(result.stiffness_score);
   const t = result.timing_ms;
   $("timing").textContent = `${result.model} version ${result.version}: ${ms(t.total)} in the service ` +
     `(queue ${ms(t.queue)}, preprocess ${ms(t.preprocess)}, inference ${ms(t.inference)}), ` +
     `${ms(roundTrip)} round trip from this page`;
   renderLayers(result);
+}
+
+// The stiffness score of the last prediction and its flag, in one line that says what it means.
+function renderScore(score) {
+  const line = $("unusual");
+  line.hidden = score === null || score === undefined;
+  if (line.hidden) return;
+  const value = score.value === null ? "not finite" : score.value.toFixed(2);
+  line.classList.toggle("flagged", score.unusual);
+  line.textContent = (score.unusual ? "Unusual input" : "Typical input") +
+    `: stiffness score ${value} (threshold ${score.threshold.toFixed(2)}), how far this image's ` +
+    "step sizes and stiffness lie from those of the images the model was calibrated on.";
 }
 
 function renderLayers(result) {

@@ -76,11 +76,33 @@ class StageProfile(_Meta):
                                                       "the stage's blocks (docs/design.md 1.1)")
 
 
+class ScoreProfile(_Meta):
+    """What the per-request stiffness score needs (stepnet.stiffness_score, docs/design.md 1.6)."""
+    method: str
+    samples: int = Field(gt=0, description="calibration images it was fitted on")
+    quantile: float = Field(gt=0, lt=1, description="the calibration images' share below the threshold")
+    threshold: float = Field(gt=0, description="a score above it is flagged unusual")
+    shrinkage: float = Field(ge=0, le=1, description="Ledoit-Wolf's weight on the identity")
+    mean: tuple[float, ...] = Field(description="the features' mean over the calibration images")
+    scale: tuple[float, ...] = Field(description="their standard deviation (at least 1e-6)")
+    precision: tuple[tuple[float, ...], ...] = Field(description="inverse shrunk covariance of the z-scores")
+
+    @model_validator(mode="after")
+    def _square(self):
+        d = len(self.mean)
+        if len(self.scale) != d or len(self.precision) != d or any(len(row) != d for row in self.precision):
+            raise ValueError(f"score: mean has {d} features; scale and precision ({d} x {d}) must match")
+        if min(self.scale, default=1) <= 0:
+            raise ValueError("score: scale must be positive")
+        return self
+
+
 class Profile(_Meta):
     dataset: str
     samples: int
     layers: tuple[LayerProfile, ...]
     stages: tuple[StageProfile, ...] = ()       # absent in versions exported before it existed
+    score: ScoreProfile | None = None           # absent in versions exported before it existed
 
 
 class Accuracy(_Meta):
@@ -123,6 +145,10 @@ class ModelMetadata(_Meta):
             raise ValueError(f"schema_version {self.schema_version} (this reader reads {SCHEMA_VERSION})")
         if [p.name for p in self.profile.layers] != [layer.name for layer in self.layers]:
             raise ValueError("profile.layers does not list the same layers as layers")
+        features = 3 * len(self.layers) + sum(layer.nsi_defined for layer in self.layers)
+        if self.profile.score is not None and len(self.profile.score.mean) != features:
+            raise ValueError(f"profile.score has {len(self.profile.score.mean)} features; {len(self.layers)} "
+                             f"layers give {features} (3 step-size figures each, ln NSI where defined)")
         channels = 1 if self.preprocessing.colour_mode == "L" else 3
         if self.input.shape != (channels, self.preprocessing.crop, self.preprocessing.crop):
             raise ValueError(f"input.shape {list(self.input.shape)} does not match preprocessing "

@@ -10,6 +10,7 @@ import pytest
 
 from export import graph, pipeline, repository, verify
 from models import data
+from stepnet import stiffness_score
 from stepnet.cli import main
 from stepnet.repository import METADATA_FILE, METADATA_KEY, MODEL_FILE
 from stepnet.repository.metadata import ModelMetadata
@@ -64,6 +65,15 @@ def test_calibration_profile_is_present_and_sane(exports):
     session = ort.InferenceSession(str(exports.version_dir("stepnet") / MODEL_FILE))
     top1 = float((session.run(["logits"], {"input": images})[0].argmax(1) == labels).mean())
     assert meta["accuracy"]["top1"] == pytest.approx(top1) and meta["accuracy"]["samples"] == 360
+    # the stiffness score's calibration, on the same images: the score the service will compute
+    # (stiffness_score.Calibration) puts about 1 % or fewer of them above the stored threshold
+    score = profile["score"]
+    defined = [layer["nsi_defined"] for layer in meta["layers"]]
+    assert score["samples"] == 360 and len(score["mean"]) == 3 * len(meta["layers"]) + sum(defined)
+    _, step_size, nsi = session.run(None, {"input": images})
+    scores = stiffness_score.Calibration(*(np.array(score[k]) for k in ("mean", "scale", "precision")),
+                                         score["threshold"]).score(stiffness_score.features(step_size, nsi, defined))
+    assert (scores > score["threshold"]).mean() <= 0.02 and 0.2 < scores.mean() <= 1.0
 
 
 def test_resnet_profile_has_unit_steps(exports):

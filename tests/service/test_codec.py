@@ -32,7 +32,8 @@ def test_fp32_in_json_nested_or_flat():
         decoded = decode_request(body.encode(), None, META, max_rows=8)
         np.testing.assert_array_equal(decoded.tensor, values)
         assert decoded.images is None
-        assert decoded.outputs == [(name, False) for name in ("logits", "probabilities", "step_size", "nsi")]
+        assert decoded.outputs == [(name, False) for name in ("logits", "probabilities", "step_size", "nsi",
+                                                              "stiffness_score", "unusual")]
 
 
 def test_fp32_and_bytes_in_binary():
@@ -85,8 +86,8 @@ def _results(n: int) -> list[BatchResult]:
     layers = len(META.layers)
     nsi = np.ones(layers, np.float32)
     nsi[0] = np.nan                                   # first block of a stage
-    return [BatchResult((np.arange(10, dtype=np.float32) + i, np.full((layers, 3), 0.5, np.float32), nsi),
-                        0.0, 0.001, n) for i in range(n)]
+    return [BatchResult((np.arange(10, dtype=np.float32) + i, np.full((layers, 3), 0.5, np.float32), nsi,
+                         np.float32(0.5 + 2 * i), np.bool_(i % 2 == 1)), 0.0, 0.001, n) for i in range(n)]
 
 
 def test_responses_in_json_carry_null_for_undefined_nsi():
@@ -101,6 +102,19 @@ def test_responses_in_json_carry_null_for_undefined_nsi():
     assert outputs["nsi"]["data"][0] is None and outputs["nsi"]["data"][1] == 1.0
     probabilities = np.asarray(outputs["probabilities"]["data"]).reshape(2, 10)
     np.testing.assert_allclose(probabilities.sum(1), 1.0, rtol=1e-6)
+    assert outputs["stiffness_score"] == {"name": "stiffness_score", "datatype": "FP32", "shape": [2], "data": [0.5, 2.5]}
+    assert outputs["unusual"] == {"name": "unusual", "datatype": "BOOL", "shape": [2], "data": [False, True]}
+
+
+def test_the_unusual_flag_as_binary_is_one_byte_a_row():
+    decoded = decode_request(json.dumps({"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES",
+                                                     "data": ["eA==", "eQ=="]}],
+                                         "parameters": {"binary_data_output": True}}).encode(), None, META, 8)
+    body, headers = encode_response(decoded, META, _results(2))
+    header = json.loads(body[:int(headers[HEADER_LENGTH])])
+    sizes = {o["name"]: o["parameters"]["binary_data_size"] for o in header["outputs"]}
+    assert sizes["unusual"] == 2 and sizes["stiffness_score"] == 8
+    assert body.endswith(b"\x00\x01")                    # the last output, unusual: False, True
 
 
 def test_binary_outputs_follow_the_json_header():

@@ -68,7 +68,8 @@ def test_health_and_metadata_through_tritonclient(client):
     assert server["name"] == "stepnet" and "model_repository" in server["extensions"]
     meta = client.get_model_metadata(MODEL, as_json=True)
     assert meta["versions"] == ["1"] and {t["name"] for t in meta["inputs"]} == {"input", "image"}
-    assert {t["name"] for t in meta["outputs"]} == {"logits", "probabilities", "step_size", "nsi"}
+    assert {t["name"] for t in meta["outputs"]} == {"logits", "probabilities", "step_size", "nsi", "stiffness_score",
+                                                    "unusual"}
 
 
 def test_standard_health_service(grpc_server):

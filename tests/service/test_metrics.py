@@ -29,15 +29,18 @@ def test_metrics_after_traffic(client, digit_png):
     assert samples(requests, "_total", endpoint="/predict", status="200")[0].value >= 3
     assert samples(requests, "_total", endpoint="/predict", status="415")[0].value >= 1
 
-    for name, labels in [("stepnet_request_duration_seconds", {"endpoint": "/predict"}),
-                         ("stepnet_queue_seconds", model), ("stepnet_preprocess_seconds", model),
-                         ("stepnet_inference_seconds", model), ("stepnet_batch_size", model)]:
+    # batches run on several instances where the model has them: one instance's histogram
+    busiest = max(samples(metrics["stepnet_inference_seconds"], "_count", **model), key=lambda s: s.value)
+    for name, labels, least in [("stepnet_request_duration_seconds", {"endpoint": "/predict"}, 3),
+                                ("stepnet_queue_seconds", model, 3), ("stepnet_preprocess_seconds", model, 3),
+                                ("stepnet_inference_seconds", busiest.labels, 1), ("stepnet_batch_size", model, 1),
+                                ("stepnet_stiffness_score", model, 3)]:
         family = metrics[name]
         assert family.type == "histogram", name
         buckets = samples(family, "_bucket", **labels)
         assert len(buckets) > 5 and buckets[-1].labels["le"] == "+Inf", name
         counts = [b.value for b in buckets]
-        assert counts == sorted(counts) and counts[-1] >= 3, name
+        assert counts == sorted(counts) and counts[-1] >= least, name
         assert samples(family, "_count", **labels)[0].value == counts[-1]
         assert samples(family, "_sum", **labels)[0].value > 0
 

@@ -163,6 +163,15 @@ def test_uploading_a_digit_shows_the_prediction_and_every_layer(page, digits, en
         heights = [float(h) for h in p.tab.locator(f"{chart} rect.band").evaluate_all("bs => bs.map(b => b.getAttribute('height'))")]
         assert heights and min(heights) >= 3, (chart, heights)
     assert "ms in the service" in p.tab.locator("#timing").text_content()
+    # the stiffness score of this prediction, as /predict reports it, and what it means
+    score = client.post("/predict", files={"file": ("d.png", encode(images[0]))}).json()["stiffness_score"]
+    line = p.tab.locator("#unusual")
+    assert line.is_visible() and "flagged" not in (line.get_attribute("class") or "")
+    assert line.text_content().startswith(f"Typical input: stiffness score {score['value']:.2f} "
+                                          f"(threshold {score['threshold']:.2f}), how far this image's step sizes")
+    p.upload("noise.png", encode(np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)))
+    expect(line).to_contain_text("Unusual input", timeout=WAIT_MS)
+    assert "flagged" in line.get_attribute("class")
     origin = p.tab.url.rstrip("/")
     left = [url for url in p.requests if not url.startswith((origin + "/", "blob:" + origin + "/"))]
     assert left == [], "requests left the origin"
@@ -274,7 +283,7 @@ def test_the_answer_shows_in_view_and_an_error_replaces_it(page, second_default,
     assert p.tab.locator("#preview").is_hidden() and p.tab.locator("#preview").get_attribute("src") is None
     assert p.tab.locator("#step-chart circle.dot, #nsi-chart circle.dot").count() == 0
     assert set(p.tab.locator("#layers-table td").all_text_contents()) == {"\u2014"}
-    assert p.tab.locator("#timing").text_content() == ""
+    assert p.tab.locator("#timing").text_content() == "" and p.tab.locator("#unusual").is_hidden()
 
 
 def test_the_services_default_model_is_preselected(page, second_default):

@@ -50,7 +50,8 @@ def test_model_config_over_both_transports(http, rpc):
     assert all(t["optional"] for t in inputs.values())
     assert set(rest["parameters"]["input_alternatives"]["string_value"].split(",")) == set(inputs)
     outputs = {t["name"]: t for t in rest["output"]}
-    assert set(outputs) == {"logits", "probabilities", "step_size", "nsi"}
+    assert set(outputs) == {"logits", "probabilities", "step_size", "nsi", "stiffness_score", "unusual"}
+    assert outputs["unusual"]["data_type"] == "TYPE_BOOL" and outputs["unusual"]["reshape"] == {"shape": []}
     assert outputs["step_size"]["dims"][1] == 3 and outputs["logits"]["dims"] == outputs["probabilities"]["dims"]
     assert rest["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == 256
     assert rest["instance_group"][0]["kind"] == "KIND_CPU" and rest["instance_group"][0]["count"] >= 1

@@ -20,7 +20,7 @@ from service.inference.preprocess import Preprocessor
 pytestmark = pytest.mark.timeout(120)
 
 MODEL = "stepnet-digits"
-OUTPUTS = ("logits", "probabilities", "step_size", "nsi")
+OUTPUTS = ("logits", "probabilities", "step_size", "nsi", "stiffness_score", "unusual")
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,9 @@ def test_model_metadata(triton_client, meta):
             {"name": "logits", "datatype": "FP32", "shape": [-1, k]},
             {"name": "probabilities", "datatype": "FP32", "shape": [-1, k]},
             {"name": "step_size", "datatype": "FP32", "shape": [-1, n_layers, 3]},
-            {"name": "nsi", "datatype": "FP32", "shape": [-1, n_layers]}]
+            {"name": "nsi", "datatype": "FP32", "shape": [-1, n_layers]},
+            {"name": "stiffness_score", "datatype": "FP32", "shape": [-1]},
+            {"name": "unusual", "datatype": "BOOL", "shape": [-1]}]
     with pytest.raises(InferenceServerException) as error:
         triton_client.get_model_metadata("no-such-model")
     assert error.value.status() == "404"
@@ -99,8 +101,9 @@ def test_bytes_and_fp32_inputs_as_json_and_binary_equal_predict(triton_client, c
     undefined = [not row["nsi_defined"] for row in meta["layers"]]
     for outputs in results.values():
         assert {name: a.shape for name, a in outputs.items()} == {
-            "logits": (4, 10), "probabilities": (4, 10), "step_size": (4, len(undefined), 3), "nsi": (4, len(undefined))}
-        assert all(a.dtype == np.float32 for a in outputs.values())
+            "logits": (4, 10), "probabilities": (4, 10), "step_size": (4, len(undefined), 3), "nsi": (4, len(undefined)),
+            "stiffness_score": (4,), "unusual": (4,)}
+        assert all(a.dtype == (bool if name == "unusual" else np.float32) for name, a in outputs.items())
         for i, body in enumerate(expected):
             probabilities = np.zeros(10)
             for p in body["predictions"]:
@@ -113,6 +116,9 @@ def test_bytes_and_fp32_inputs_as_json_and_binary_equal_predict(triton_client, c
             assert list(np.isnan(outputs["nsi"][i])) == undefined
             z = outputs["logits"][i].astype(np.float64)
             np.testing.assert_allclose(np.exp(z - z.max()) / np.exp(z - z.max()).sum(), probabilities, rtol=1e-4, atol=1e-6)
+            score = body["stiffness_score"]
+            assert outputs["stiffness_score"][i] == pytest.approx(score["value"], rel=1e-4)
+            assert outputs["unusual"][i] == score["unusual"]
     # JSON and binary carry the same float32 numbers
     for kind in ("image", "input"):
         for name in OUTPUTS:

@@ -33,17 +33,20 @@ TopK = Annotated[int, Query(ge=1, le=1000, description="how many classes to retu
 async def predict(request: Request, served: ServedModelDep, settings: SettingsDep,
                   top_k: TopK = 5) -> Response:
     """Classify one image and report, per residual block, the step size the adaptor chose and
-    the block's neural stiffness index (docs/design.md 1.3)."""
+    the block's neural stiffness index (docs/design.md 1.3), and how unlike the calibration
+    images those are (the stiffness score, 1.6)."""
     started = time.perf_counter()
     async with deadline(settings.request_timeout_s) as request_deadline:
         data = await read_image(request, settings.max_upload_bytes)
         request_deadline.received()
         result, preprocess_s = await served.infer_image(data)
-    logits, step_size, nsi = result.outputs              # (K,), (L, 3), (L,)
+    logits, step_size, nsi, score, unusual = result.outputs     # (K,), (L, 3), (L,), (), ()
     meta = served.meta
     body = {"model": meta.name, "version": meta.version,
             "predictions": _top_k(logits, meta.classes, top_k),
             "layers": _layers(meta.layers, step_size, nsi),
+            "stiffness_score": None if served.score is None else {
+                "value": float(score), "threshold": served.score.threshold, "unusual": bool(unusual)},
             "timing_ms": {"queue": result.queue_s * 1e3, "preprocess": preprocess_s * 1e3,
                           "inference": result.inference_s * 1e3,
                           "total": (time.perf_counter() - started) * 1e3}}

@@ -134,7 +134,8 @@ async def model_version_ready(repository: RepositoryDep, model_name: ModelName,
              openapi_extra=INFER_BODY, responses=INFER_ERRORS)
 async def infer(request: Request, served: LatestDep, settings: SettingsDep) -> Response:
     """Inference on the newest version served. Inputs: FP32 [B, C, H, W] (pre-processed) or BYTES
-    [B] named `image` (encoded images); outputs: logits, probabilities, step_size, nsi."""
+    [B] named `image` (encoded images); outputs: logits, probabilities, step_size, nsi,
+    stiffness_score, unusual."""
     return await _infer(request, served, settings)
 
 
