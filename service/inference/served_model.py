@@ -123,7 +123,9 @@ class ServedModel:
         scores = self.score.score(features(step_size, nsi, self._nsi_defined))
         for value in scores.tolist():
             self._metrics.stiffness_score.observe(value)
-        return scores.astype(np.float32), scores > self.score.threshold
+        unusual = scores > self.score.threshold
+        self._metrics.unusual.inc(int(unusual.sum()))
+        return scores.astype(np.float32), unusual
 
     # ------------------------------------------------------------ lifetime
 

@@ -36,6 +36,7 @@ class ModelMetrics:
     batch_rows: dict[str, Counter]      # by protocol
     mixed_batches: Counter
     stiffness_score: Histogram
+    unusual: Counter
     _inference: Histogram               # the families with instance and device labels
     _instance_failures: Counter
     _labels: tuple[str, str]
@@ -105,13 +106,16 @@ class Metrics:
                                 "of the request's per-layer diagnostics from the calibration images', "
                                 "per feature (the calibration images average 1 or less; docs/design.md 1.6)", model,
                                 buckets=SCORE_BUCKETS, registry=reg)
+        self._unusual = Counter("stepnet_unusual_requests", "Requests (rows) whose stiffness score was above "
+                                "the export's threshold: flagged unusual", model, registry=reg)
 
     def for_model(self, name: str, version: int) -> ModelMetrics:
         labels = (name, str(version))
         return ModelMetrics(self._queue.labels(*labels), self._preprocess.labels(*labels),
                             self._batch.labels(*labels),
                             {p: self._batch_rows.labels(*labels, p) for p in PROTOCOLS},
-                            self._mixed.labels(*labels), self._score.labels(*labels), self._inference, self._instance_failures, labels)
+                            self._mixed.labels(*labels), self._score.labels(*labels), self._unusual.labels(*labels),
+                            self._inference, self._instance_failures, labels)
 
     def observe_request(self, endpoint: str, status: int, seconds: float, protocol: str) -> None:
         self.requests.labels(endpoint, str(status), protocol).inc()

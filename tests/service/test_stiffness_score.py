@@ -70,8 +70,9 @@ def test_calibration_images_pass_at_the_calibrated_rate_and_noise_is_flagged(ser
     assert result.as_numpy("unusual").mean() >= 0.8, result.as_numpy("stiffness_score")
 
 
-def test_grpc_and_metrics_agree_with_rest(server, client, digit_png, metric):
+def test_grpc_and_metrics_agree_with_rest(server, client, digit_png, metric, encode):
     before = metric(server.url, "stepnet_stiffness_score_count", model=MODEL, version="1")
+    unusual = metric(server.url, "stepnet_unusual_requests_total", model=MODEL, version="1")
     rest = client.post("/predict", files={"file": ("d.png", digit_png)}).json()["stiffness_score"]
     with triton_grpc.InferenceServerClient(server.grpc_target) as grpc_client:
         meta = grpc_client.get_model_metadata(MODEL, as_json=True)
@@ -81,6 +82,9 @@ def test_grpc_and_metrics_agree_with_rest(server, client, digit_png, metric):
     assert outputs["stiffness_score"]["datatype"] == "FP32" and outputs["unusual"]["datatype"] == "BOOL"
     assert result.as_numpy("stiffness_score").tolist() == pytest.approx([rest["value"]], rel=1e-6)
     assert result.as_numpy("unusual").tolist() == [rest["unusual"]]
-    unusual = next(o for o in config["output"] if o["name"] == "unusual")
-    assert unusual["data_type"] == "TYPE_BOOL" and unusual["dims"] == ["1"]
+    flag = next(o for o in config["output"] if o["name"] == "unusual")
+    assert flag["data_type"] == "TYPE_BOOL" and flag["dims"] == ["1"]
     assert metric(server.url, "stepnet_stiffness_score_count", model=MODEL, version="1") >= before + 2
+    blank = client.post("/predict", files={"file": ("b.png", encode(np.full((8, 8), 255, np.uint8)))}).json()
+    assert blank["stiffness_score"]["unusual"] is True           # counted for the alert StepNetUnusualInputs
+    assert metric(server.url, "stepnet_unusual_requests_total", model=MODEL, version="1") >= unusual + 1
