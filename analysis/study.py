@@ -177,16 +177,18 @@ def model_cost(model: StepNet, info: data.DataInfo) -> dict:
 
 @torch.no_grad()
 def diagnose(model: StepNet, dataset, batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Per test sample: correct (N,), step_size (N, L, 3: mean, min, max over channels), nsi (N, L)."""
+    """Per test sample: correct (N,), logits (N, K), step_size (N, L, 3: mean, min, max over
+    channels), nsi (N, L)."""
     model.eval()
-    correct, steps, nsis = [], [], []
+    correct, logits_, steps, nsis = [], [], [], []
     for images, labels in DataLoader(dataset, batch_size=batch_size):
         logits, step_size, nsi = model(images, diagnostics=True)
         correct.append((logits.argmax(1) == labels).numpy())
+        logits_.append(logits.numpy())
         steps.append(step_size.numpy())
         nsis.append(nsi.numpy())
-    return {"correct": np.concatenate(correct), "step_size": np.concatenate(steps),
-            "nsi": np.concatenate(nsis)}
+    return {"correct": np.concatenate(correct), "logits": np.concatenate(logits_),
+            "step_size": np.concatenate(steps), "nsi": np.concatenate(nsis)}
 
 
 def _cpu_seconds() -> float:
@@ -386,12 +388,17 @@ class _Runner:
             what = f"trained in {config['train_seconds']:.0f} s ({self.folder / key.name})"
         self.log(f"[{self.done}/{self.total}] {key.name}: {what}")
 
-    def measure(self, key: RunKey, reference_set=None) -> dict:
-        """diagnose()'s arrays on the test split, the model's cost, and with a reference_set the
-        model's mean NSI per layer on it. Waits for the run's training; raises its error."""
+    def model(self, key: RunKey) -> tuple[StepNet, dict]:
+        """The run's trained model and its checkpoint config. Waits for its training; raises its error."""
         if key in self.futures:
             self.futures[key].result()
         model, _, config = checkpoint.load(self.checkpoint(key), expect_classes=len(self.info.classes))
+        return model, config
+
+    def measure(self, key: RunKey, reference_set=None) -> dict:
+        """diagnose()'s arrays on the test split, the model's cost, and with a reference_set the
+        model's mean NSI per layer on it. Waits for the run's training; raises its error."""
+        model, config = self.model(key)
         arch = (key.family, key.blocks)
         if arch not in self.costs:
             self.costs[arch] = model_cost(model, self.info)
