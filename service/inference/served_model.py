@@ -115,15 +115,18 @@ class ServedModel:
         return run
 
     def stiffness_score(self, step_size: np.ndarray, nsi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each row's stiffness score (docs/design.md 1.6) and whether it is above the export's
-        threshold, (B,) float32 and (B,) bool; NaN and False for a version exported without
-        the score's calibration. Every transport reads these two outputs of the batch."""
+        """Each row's stiffness score (docs/design.md 1.6) and whether it is unusual, (B,) float32
+        and (B,) bool; NaN and False for a version exported without the score's calibration.
+        Every transport reads these two outputs of the batch. A score that is not finite (the
+        row's diagnostics are not: no calibration image had such) is unusual, and is left out of
+        the histogram, whose sum it would make NaN for good."""
         if self.score is None:
             return np.full(len(nsi), np.nan, np.float32), np.zeros(len(nsi), bool)
         scores = self.score.score(features(step_size, nsi, self._nsi_defined))
-        for value in scores.tolist():
+        finite = np.isfinite(scores)
+        for value in scores[finite].tolist():
             self._metrics.stiffness_score.observe(value)
-        unusual = scores > self.score.threshold
+        unusual = ~finite | (scores > self.score.threshold)
         self._metrics.unusual.inc(int(unusual.sum()))
         return scores.astype(np.float32), unusual
 

@@ -95,16 +95,27 @@ def test_corrupt_checkpoint_is_one_line_and_exit_2(trained, tmp_path):
     assert result.stderr.count("\n") == 1 and "model.safetensors" in result.stderr
 
 
+def _sigint_as_a_terminal_sends_it():
+    """A shell's background job (`make test &`, a CI runner's) starts with SIGINT ignored, and a
+    child inherits that: Ctrl-C's default action is what this test is about."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_training_interrupted_before_its_first_snapshot_leaves_nothing(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([*STEPNET, "train", "--epochs", "50", "--quiet", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not out.is_dir() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)                                    # inside the first epoch
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_a_terminal_sends_it)
+    try:
+        deadline = time.monotonic() + 60
+        while not out.is_dir() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)                                    # inside the first epoch
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()                                        # never left training when the test fails
+        proc.wait()
     assert proc.returncode == 130, err
     assert list(tmp_path.iterdir()) == []
 

@@ -88,3 +88,18 @@ def test_grpc_and_metrics_agree_with_rest(server, client, digit_png, metric, enc
     blank = client.post("/predict", files={"file": ("b.png", encode(np.full((8, 8), 255, np.uint8)))}).json()
     assert blank["stiffness_score"]["unusual"] is True           # counted for the alert StepNetUnusualInputs
     assert metric(server.url, "stepnet_unusual_requests_total", model=MODEL, version="1") >= unusual + 1
+
+
+def test_a_score_that_is_not_finite_is_unusual_and_leaves_the_histogram_finite(server, metric):
+    """1e30 in every pixel: float32 overflows inside the graph and every NSI is NaN. Such a row is
+    flagged; its score stays out of the histogram, whose sum would otherwise be NaN for good."""
+    before = metric(server.url, "stepnet_unusual_requests_total", model=MODEL, version="1")
+    x = np.full((1, 1, 32, 32), 1e30, np.float32)
+    tensor = triton_http.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    with triton_http.InferenceServerClient(server.url.removeprefix("http://")) as client:
+        result = client.infer(MODEL, [tensor], outputs=[triton_http.InferRequestedOutput(n, binary_data=False)
+                                                        for n in ("stiffness_score", "unusual")])
+        assert np.isnan(result.as_numpy("stiffness_score")).all() and result.as_numpy("unusual").tolist() == [True]
+    assert metric(server.url, "stepnet_unusual_requests_total", model=MODEL, version="1") == before + 1
+    assert np.isfinite(metric(server.url, "stepnet_stiffness_score_sum", model=MODEL, version="1"))
