@@ -31,8 +31,8 @@ class StiffnessScore(BaseModel):
                                             "calibration images', per feature: they average 1 or less "
                                             "(docs/design.md 1.6); null if not finite")
     threshold: float = Field(description="the export's threshold: the calibration images' 99th percentile")
-    unusual: bool = Field(description="value above threshold: this input looks unlike what the model was "
-                                      "calibrated on")
+    unusual: bool = Field(description="value above threshold, or not finite: this input looks unlike what "
+                                      "the model was calibrated on")
 
 
 class Timing(BaseModel):
