@@ -31,6 +31,7 @@ GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
 # wrk's own default (2 s) counts a request as an error once it waits longer: at concurrency 64 a
 # StepNet-50 request waits about 3 s on 2 cores; the service's own deadline is what should bound it
 TIMEOUT_S = 60
+WARM_UP_FROM_S = 5          # h2load's loads this long or longer first run 1 s uncounted (wrk has no warm-up)
 WRK_SCRIPT = """local f = assert(io.open(os.getenv("WRK_BODY"), "rb"))
 wrk.method = "POST"
 wrk.body = f:read("*a")
@@ -112,7 +113,8 @@ def h2load_grpc(target: str, message: bytes, concurrency: int, seconds: float) -
         data = Path(tmp) / "request"
         data.write_bytes(frame)
         out = subprocess.run(
-            ["h2load", "-c", "1", "-m", str(concurrency), "-D", str(_whole(seconds)), "--warm-up-time", "1",
+            ["h2load", "-c", "1", "-m", str(concurrency), "-D", str(_whole(seconds)),
+             "--warm-up-time", "1" if seconds >= WARM_UP_FROM_S else "0",
              "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(data),
              f"http://{target}{GRPC_INFER}"],
             capture_output=True, text=True, timeout=seconds + 60, check=True).stdout

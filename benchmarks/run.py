@@ -234,7 +234,9 @@ def _serving_parts(results: dict, benches: dict, settings: BenchSettings, parts:
         from benchmarks import instances
 
         seconds, rounds = settings.load_seconds / 3, 2 if settings.mode == "full" else 1
-        load = (settings.concurrencies, seconds, rounds)
+        # --quick checks that the parts run: one load level each (a wrk load lasts a whole second)
+        concurrencies = settings.concurrencies if settings.mode == "full" else settings.concurrencies[-1:]
+        load = (concurrencies, seconds, rounds)
         with tempfile.TemporaryDirectory(prefix="stepnet-bench-") as tmp:
             tmp = Path(tmp)
             versions = {name: service.digits_version(tmp / "repo-digits") if name == "digits"
