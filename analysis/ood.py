@@ -43,6 +43,7 @@ from models.net import FAMILIES, build
 from models.train import fixed_subset
 from stepnet import stiffness_score
 from stepnet.errors import UserError
+from stepnet.repository.metadata import ScoreProfile
 
 SET_IMAGES = 500            # images per out-of-distribution set, at most
 CALIBRATION_IMAGES = 2000   # held-out training images the score is calibrated on, at most (the export's number)
@@ -204,8 +205,7 @@ def _measure(runner: study._Runner, key: RunKey, calibration_set: Subset, sets: 
     test = study.diagnose(model, runner.test_set)
     cal = study.diagnose(model, calibration_set)
     fit = stiffness_score.calibrate(stiffness_score.features(cal["step_size"], cal["nsi"], nsi_defined))
-    calibration = stiffness_score.Calibration(np.asarray(fit["mean"]), np.asarray(fit["scale"]),
-                                              np.asarray(fit["precision"]), fit["threshold"])
+    calibration = stiffness_score.Calibration.from_profile(ScoreProfile.model_validate(fit))   # as the service reads it
     raw = {"test": scores(test, calibration, nsi_defined)}
     transform = runner.test_set.transform   # type: ignore[union-attr]   # a DigitsDataset (_plan)
     rows = {}

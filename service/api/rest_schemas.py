@@ -30,7 +30,8 @@ class StiffnessScore(BaseModel):
     value: float | None = Field(description="squared distance of this image's per-layer diagnostics from the "
                                             "calibration images', per feature: they average 1 or less "
                                             "(docs/design.md 1.6); null if not finite")
-    threshold: float = Field(description="the export's threshold: the calibration images' 99th percentile")
+    threshold: float = Field(description="the export's threshold: the 99th percentile of the calibration "
+                                         "images' out-of-fold scores")
     unusual: bool = Field(description="value above threshold, or not finite: this input looks unlike what "
                                       "the model was calibrated on")
 

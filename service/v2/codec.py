@@ -11,7 +11,7 @@ A request sends exactly one input:
 and gets any of the outputs logits [B, K], probabilities [B, K], step_size [B, L, 3],
 nsi [B, L] and stiffness_score [B], all FP32 (nsi is NaN, null in JSON, for the first block of a
 stage; stiffness_score for a version exported without its calibration), and unusual [B], BOOL
-(the stiffness score above the export's threshold, docs/design.md 1.6).
+(the stiffness score above the export's threshold or not finite, docs/design.md 1.6).
 
 Binary tensor data extension: the body is the JSON header, then the binary tensors in input order;
 the Inference-Header-Content-Length header gives the JSON's length and each binary input's

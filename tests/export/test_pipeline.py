@@ -71,8 +71,8 @@ def test_calibration_profile_is_present_and_sane(exports):
     defined = [layer["nsi_defined"] for layer in meta["layers"]]
     assert score["samples"] == 360 and len(score["mean"]) == 3 * len(meta["layers"]) + sum(defined)
     _, step_size, nsi = session.run(None, {"input": images})
-    scores = stiffness_score.Calibration(*(np.array(score[k]) for k in ("mean", "scale", "precision")),
-                                         score["threshold"]).score(stiffness_score.features(step_size, nsi, defined))
+    calibration = stiffness_score.Calibration.from_profile(ModelMetadata.model_validate(meta).profile.score)
+    scores = calibration.score(stiffness_score.features(step_size, nsi, defined))
     assert (scores > score["threshold"]).mean() <= 0.02 and 0.2 < scores.mean() <= 1.0
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from stepnet import stiffness_score
-from stepnet.repository.metadata import parse
+from stepnet.repository.metadata import ScoreProfile, parse
 from tests.service.conftest import DEFAULT_MODEL
 
 
@@ -29,8 +29,7 @@ def test_the_threshold_holds_its_rate_on_unseen_inputs_and_far_inputs_score_high
     fit = rng.multivariate_normal(np.zeros(12), cov, 400)
     stored = stiffness_score.calibrate(fit)
     assert stored["samples"] == 400 and stored["quantile"] == 0.99 and 0 <= stored["shrinkage"] <= 1
-    score = stiffness_score.Calibration(np.array(stored["mean"]), np.array(stored["scale"]),
-                                        np.array(stored["precision"]), stored["threshold"])
+    score = stiffness_score.Calibration.from_profile(ScoreProfile.model_validate(stored))
     unseen = score.score(rng.multivariate_normal(np.zeros(12), cov, 20_000))
     assert 0.7 < unseen.mean() < 1.5                         # about 1 per feature
     assert 0.003 <= (unseen > stored["threshold"]).mean() <= 0.03
@@ -43,8 +42,7 @@ def test_a_constant_feature_keeps_the_score_finite():
     rng = np.random.default_rng(1)
     x = np.concatenate([np.ones((50, 3)), rng.normal(size=(50, 4))], axis=1)
     stored = stiffness_score.calibrate(x)
-    score = stiffness_score.Calibration(*(np.array(stored[k]) for k in ("mean", "scale", "precision")),
-                                        stored["threshold"])
+    score = stiffness_score.Calibration.from_profile(ScoreProfile.model_validate(stored))
     assert np.isfinite(score.score(x)).all() and np.isfinite(stored["threshold"])
 
 
