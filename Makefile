@@ -73,11 +73,15 @@ gpu-wheels:
 gpu-check:
 	$(GPU_CHECK_PYTHON) -m benchmarks.gpu_check run --out $(OUT) $(GPU_CHECK_ARGS)
 
-# mypy first ([tool.mypy] in pyproject.toml: stepnet, service, export, models), then every test
+# mypy ([tool.mypy] in pyproject.toml: stepnet, service, export, models) beside every test: it
+# takes one core for about 35 s, which the tests' first minute shares; its report comes after
+# pytest's, and either failing fails the target
 test: $(STAMP)
-	$(BIN)/mypy
-	@$(BIN)/python -m pytest; rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+	@out=$$(mktemp); $(BIN)/mypy > $$out 2>&1 & mypy=$$!; \
+	$(BIN)/python -m pytest; rc=$$?; \
+	wait $$mypy; typed=$$?; echo "mypy:"; cat $$out; rm -f $$out; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
+	if [ $$typed -ne 0 ]; then exit $$typed; fi; exit $$rc
 
 # The schemathesis run of `make test`, longer: every phase, stateful included, until FUZZ_MAX_TIME_S
 # (default 600) is spent. FUZZ_SEED=... replays or varies it.
